@@ -1,0 +1,1 @@
+"""Thin layers that let unmodified TRL trainers run on fastft models."""

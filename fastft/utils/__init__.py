@@ -1,0 +1,1 @@
+"""Small utilities shared by the kernels, the tests and the benchmarks."""
