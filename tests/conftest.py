@@ -11,6 +11,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
@@ -22,3 +24,39 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fastft"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _interpreter_rounds_bf16_like_gpus():
+    """Make Triton's interpreter convert between fp32 and bf16 as GPUs do.
+
+    A compiled ``x.to(tl.bfloat16)`` is ``cvt.rn.bf16.f32`` (round to nearest even); the interpreter (triton
+    3.9, ``_convert_float``) drops the low 16 bits instead, which doubles the rounding error of every bf16
+    result and would make a correct kernel look worse than PyTorch. Its bf16 -> fp32 also mangles
+    subnormals (a GPU's is exact: the bits shifted left by 16). fp16 casts go through numpy and are right.
+    On a Triton whose interpreter has no such hook the interpreter is used as it is.
+    """
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+
+        original = interpreter._convert_float
+        rtne = interpreter._ir.ROUNDING_MODE.RTNE
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def convert(values, input_dtype, output_dtype, rounding_mode):
+        if input_dtype == tl.float32 and output_dtype == tl.bfloat16 and rounding_mode in (None, rtne):
+            as_float = np.ascontiguousarray(values, dtype=np.float32)
+            bits = as_float.view(np.uint32).astype(np.int64)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            return np.where(np.isnan(as_float), np.uint16(0x7FC0), rounded).reshape(np.shape(values))
+        if input_dtype == tl.bfloat16 and output_dtype == tl.float32:
+            widened = np.ascontiguousarray(values).view(np.uint16).astype(np.uint32) << 16
+            return widened.reshape(np.shape(values))
+        return original(values, input_dtype, output_dtype, rounding_mode)
+
+    interpreter._convert_float = convert
+    yield
+    interpreter._convert_float = original
