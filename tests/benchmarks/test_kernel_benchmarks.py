@@ -1,0 +1,90 @@
+"""benchmarks/kernels.py on a CPU: the script mode end to end (small), the bytes models it borrows from the
+kernels' audit cases, and its bookkeeping (a failing contender is recorded, speedups and GB/s)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks import kernels as bench
+
+ROOT = Path(__file__).resolve().parents[2]
+CPU = torch.device("cpu")
+
+
+def test_every_bench_finds_its_bytes_model():
+    # A renamed audit case would silently drop the GB/s column; the bytes model must resolve.
+    for b in bench._benches(CPU):
+        for case in (b.fwd_case, b.bwd_case):
+            if case is not None:
+                assert bench.bytes_model(b, case, CPU), f"{b.name}: no audit case {case!r} in {b.module}"
+    names = {b.module for b in bench._benches(CPU)}
+    assert names == {"rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy"}
+
+
+def test_a_failing_contender_is_recorded_not_raised():
+    def broken(_device):
+        raise RuntimeError("input builder exploded")
+
+    b = bench.KernelBench(name="broken", module="swiglu", build=broken, args=("gate", "up"), shape="n/a")
+    result = bench.measure(b, "pytorch", CPU)
+    assert result.status == "failed" and "input builder exploded" in result.reason
+    assert bench.measure(b, "no-such-contender", CPU).status == "failed"
+
+
+def test_annotate_speedup_and_bandwidth():
+    fast = bench.Result(
+        "k", "fastft", "cuda", "s", fwd_ms=1.0, bwd_ms=2.0, total_ms=3.0, fwd_bytes=10**9, bwd_bytes=2 * 10**9
+    )
+    slow = bench.Result(
+        "k", "pytorch", "cuda", "s", fwd_ms=2.0, bwd_ms=3.0, total_ms=6.0, fwd_bytes=10**9, bwd_bytes=2 * 10**9
+    )
+    missing = bench.Result("k", "liger", "cuda", "s", status="not installed", reason="x")
+    bench.annotate([fast, slow, missing], copy_bytes_per_s=2e12)
+    assert slow.speedup == {"fwd": 2.0, "bwd": 1.5, "fwdbwd": 2.0}
+    assert fast.gbps["fwd"] == 1000.0 and fast.gbps["fwdbwd"] == 1000.0
+    assert fast.copy_fraction["bwd"] == 0.5
+    assert missing.speedup == {} and missing.gbps == {}
+
+
+def test_script_mode_on_cpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    result = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/kernels.py",
+            "--out",
+            str(tmp_path),
+            "--kernels",
+            "rms_norm,swiglu",
+            "--contenders",
+            "fastft,pytorch,liger",
+            "--target-s",
+            "0.02",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads((tmp_path / "kernels.json").read_text())
+    assert data["meta"]["device_type"] == "cpu" and data["meta"]["copy_gbps"] > 0
+    rows = {(r["kernel"], r["contender"]): r for r in data["results"]}
+    assert set(rows) == {(k, c) for k in ("rms_norm", "swiglu") for c in ("fastft", "pytorch", "liger")}
+    for kernel in ("rms_norm", "swiglu"):
+        ours, torch_row = rows[kernel, "fastft"], rows[kernel, "pytorch"]
+        assert ours["status"] == "ok" and ours["fwd_ms"] > 0 and ours["bwd_ms"] > 0 and ours["reps"] >= 5
+        assert ours["gbps"]["fwdbwd"] > 0 and 0 < ours["fwd_bytes"] < ours["fwd_bytes"] + ours["bwd_bytes"]
+        assert set(torch_row["speedup"]) == {"fwd", "bwd", "fwdbwd"}
+        assert rows[kernel, "liger"]["status"] in ("not installed", "skipped")  # CUDA only
+    report = (tmp_path / "kernels.md").read_text()
+    assert "CPU numbers" in report and "## rms_norm" in report and "| fastft |" in report
