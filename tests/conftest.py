@@ -23,6 +23,8 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+# A deeper run for a developer hunting edge cases: HYPOTHESIS_PROFILE=thorough python -m pytest tests/kernels
+settings.register_profile("thorough", parent=settings.get_profile("fastft"), max_examples=200, derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fastft"))
 
 
