@@ -57,13 +57,14 @@ def _pair(n_rows, width, layout, dtype, gen, gate_scale=3.0):
 
 
 def _float64_geglu(gate, up, approximate):
-    """The float64 oracle. For "tanh" it writes (1 + tanh(y)) / 2 as sigmoid(2y), the same number: float64's
-    tanh rounds to -1 below y ~ -19 and would make the oracle 0 where the true value is ~1e-19 (which the
-    kernel, computing sigmoid(2y), does get right)."""
+    """The float64 oracle, written so it does not cancel in the lower tail. torch's float64 GELU computes
+    (1 + tanh(y)) / 2 and (1 + erf(x / sqrt 2)) / 2, which lose all digits below x ~ -7 (float64's tanh
+    rounds to -1, 1 + erf cancels); the same numbers are sigmoid(2y) and erfc(-x / sqrt 2) / 2, accurate
+    there — as the kernels compute them."""
     if approximate == "tanh":
         y = math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3)
         return gate * torch.sigmoid(2 * y) * up
-    return geglu_reference(gate, up, approximate)
+    return gate * (0.5 * torch.special.erfc(-gate / math.sqrt(2))) * up
 
 
 def _check(gate, up, approximate, backend_name, gen, name=""):
