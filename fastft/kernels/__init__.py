@@ -1,0 +1,33 @@
+"""fastft's kernels: one file per operation, each with its formula, hand-derived backward and reference.
+
+Every public function dispatches on its input: CUDA (and ROCm) tensors run the Triton kernels, CPU tensors
+run a torch path with the same hand-written backward (so the memory savings hold there too), and with
+``TRITON_INTERPRET=1`` the Triton kernels run on CPU tensors through Triton's interpreter.
+"""
+
+from fastft.kernels._dispatch import force_backend
+from fastft.kernels.cross_entropy import cross_entropy, cross_entropy_reference
+from fastft.kernels.fused_linear_cross_entropy import (
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_reference,
+)
+from fastft.kernels.geglu import geglu, geglu_reference
+from fastft.kernels.rms_norm import rms_norm, rms_norm_reference
+from fastft.kernels.rope import rope, rope_reference
+from fastft.kernels.swiglu import swiglu, swiglu_reference
+
+__all__ = [
+    "cross_entropy",
+    "cross_entropy_reference",
+    "force_backend",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_reference",
+    "geglu",
+    "geglu_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "rope",
+    "rope_reference",
+    "swiglu",
+    "swiglu_reference",
+]
