@@ -3,7 +3,8 @@
 Triton's interpreter (how the kernels are tested on CPU) has no libdevice, so the logistic sigmoid and
 the normal CDF are written out here. Both are stable for any finite input: every ``tl.exp`` gets a
 non-positive argument, so nothing overflows and no ``inf / inf`` or ``0 * inf`` appears.
-The tanh that GELU's tanh approximation needs is not built at all: ``0.5 * (1 + tanh(u)) = sigmoid(2u)``.
+The tanh that GELU's tanh approximation needs is not built at all: ``0.5 * (1 + tanh(u)) = sigmoid(2u)``;
+Gemma 2's logit softcap ``c * tanh(z / c)`` does need tanh itself (and its derivative): :func:`tanh_sech2`.
 
 Accuracy, in fp32 arithmetic (checked against float64 in ``tests/kernels/test_geglu.py``):
 
@@ -13,10 +14,20 @@ Accuracy, in fp32 arithmetic (checked against float64 in ``tests/kernels/test_ge
 - :func:`normal_cdf_pdf`: Phi(x) to the same absolute error, and in the lower tail, where it is computed
   as ``erfc/2`` rather than as ``(1 + erf)/2``, to ~3e-8 * x^2 relative (5e-6 at Phi(-12) ~ 2e-33);
   phi(x) from the same ``exp``. (``torch.special.ndtr`` has no relative accuracy there at all.)
+- :func:`tanh_sech2` (checked in ``tests/kernels/test_cross_entropy.py``): tanh(y) within 0.67 * eps * |tanh y|
+  and 1 - tanh(y)^2 within 1.9 * eps relative (eps = 2^-23; a correctly rounded result is within 0.5), 97%
+  of tanh values correctly rounded; the previous degree-4 / switch-at-0.55 version reached 1.8 and 3.0.
+  The residual error is ``tl.exp``'s own (numpy's fp32 exp under the interpreter is off by up to 1.6 eps
+  relative), damped by 1 / sinh(2|y|) in tanh and passed on whole to 1 - tanh^2 ~ 4 exp(-2|y|) in the tail.
 
 The polynomial coefficients below were fitted for this file (Lawson-reweighted least squares towards the
 minimax error, against erf and erfcx evaluated in 40-digit arithmetic with mpmath), rounding the
 coefficients to fp32 one at a time and refitting the rest, so the fp32 constants are the fitted ones.
+The tanh polynomial was fitted the same way (to (tanh(y) - y) / y^3 on y^2 in [0, 0.81], weighted so the
+error is relative to tanh(y)); its fit error is below 0.01 eps relative.
+
+``tl.fma`` is used where a single rounding (or an exactly representable remainder) is what makes a
+compensation step work; it rounds once in the interpreter too, and GPUs would contract most of these anyway.
 """
 
 import triton
@@ -105,3 +116,50 @@ def normal_cdf_pdf(x):
     cdf = tl.where(z <= 0.875, 0.5 + 0.5 * signed_erf_small, tail)
     pdf = exp_neg_z2 * 0.3989422804014327  # 1 / sqrt(2 pi)
     return cdf, pdf
+
+
+@triton.jit
+def tanh_sech2(y):
+    """Return ``(tanh(y), 1 - tanh(y)^2)`` for fp32 ``y``, within ~0.67 and ~1.9 eps relative (eps = 2^-23).
+
+    |y| < 0.9: tanh y = y + y^3 P(y^2), P of degree 6 (fitted for this file), added to y in one fma (the
+    y^3 P term is at most 26% of tanh there, so its few roundings barely show). Its rounding error
+    t_lo is recovered exactly (y - t is exact: t and y are within a factor 2) and 1 - t^2 is formed as
+    fma(-t, t, 1) - 2 t t_lo, so the cancellation in 1 - t^2 does not amplify the rounding of t.
+    |y| >= 0.9: with e = exp(-2|y|) <= 0.17 (never overflows), q = 1 - tanh|y| = 2e / (1 + e) and
+    1 - tanh^2 = q (2 - q), which keeps full relative precision where tanh^2 -> 1. Each rounding on the way
+    to q is recovered (the error of 1 + e by Fast2Sum, the division's remainder by fma), so q carries only
+    exp's own error, and tanh = 1 - q is rounded once, with exp's error damped by q / tanh <= 0.4.
+    The switch at 0.9 balances the two: below it the polynomial would need more terms, above it less of
+    exp's error would be damped. +-inf give +-1 and 0; a NaN stays NaN.
+    """
+    a = tl.abs(y)
+    # Near 0: tanh(y) = y + y^3 * P(y^2).
+    w = y * y
+    p = -0.0004557178763207048
+    p = tl.fma(p, w, 0.0025834408588707447)
+    p = tl.fma(p, w, -0.008265464566648006)
+    p = tl.fma(p, w, 0.021664094179868698)
+    p = tl.fma(p, w, -0.05392947420477867)
+    p = tl.fma(p, w, 0.13332980871200562)
+    p = tl.fma(p, w, -0.33333322405815125)
+    y3 = y * w
+    small = tl.fma(y3, p, y)
+    small_lo = tl.fma(y3, p, y - small)  # (y + y^3 P) - small: what rounding ``small`` dropped
+    sech2_small = tl.fma(-2.0 * small, small_lo, tl.fma(-small, small, 1.0))
+    # Away from 0: tanh|y| = 1 - q, q = 2e / (1 + e), e = exp(-2|y|) in (0, 0.17].
+    e = tl.exp(-2.0 * a)
+    d = 1.0 + e
+    d_lo = e - (d - 1.0)  # exact rounding error of 1 + e (Fast2Sum: 1 >= e)
+    r = 1.0 / d
+    two_e = 2.0 * e
+    q = two_e * r
+    # 2e / (d + d_lo) - q, to first order: the remainder 2e - q d is exact in one fma.
+    q_lo = tl.fma(-q, d_lo, tl.fma(-q, d, two_e)) * r
+    big_hi = 1.0 - q
+    big = big_hi + (((1.0 - big_hi) - q) - q_lo)  # 1 - big_hi is exact (Sterbenz), and so is its gap to q
+    two_minus_q = 2.0 - q
+    sech2_big = tl.fma(q, two_minus_q, q_lo * (two_minus_q - q))  # (q + q_lo)(2 - q - q_lo), first order
+    near_zero = a < 0.9
+    t = tl.where(near_zero, small, tl.where(y < 0.0, -big, big))
+    return t, tl.where(near_zero, sech2_small, sech2_big)

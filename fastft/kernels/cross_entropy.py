@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from fastft.kernels._dispatch import use_triton
+from fastft.kernels._math import tanh_sech2
 from fastft.kernels._spec import AuditCase, Ptr
 
 # Dtypes the kernels load; anything else (fp64, fp8) takes the torch path, which computes in fp32 or fp64.
@@ -106,41 +107,23 @@ def cross_entropy_reference(
 
 
 @triton.jit
-def _tanh_sech2(y):
-    """tanh(y) and 1 - tanh(y)^2 in fp32, to a few ulp relative over the whole line (no libdevice).
-
-    |y| >= 0.55: with e = exp(-2|y|) <= 1/3 (never overflows), tanh|y| = (1 - e) / (1 + e) and
-    1 - tanh^2 = 4e / (1 + e)^2, which keeps full relative precision where tanh^2 -> 1 (a cancellation).
-    |y| < 0.55: 1 - e would cancel instead, so tanh y = y + y^3 P(y^2), P of degree 4 fitted for this file
-    (weighted least squares towards minimax; 1.2 ulp relative in fp32), and 1 - tanh^2 >= 0.75 directly.
-    """
-    a = tl.abs(y)
-    e = tl.exp(-2.0 * a)
-    r = 1.0 / (1.0 + e)
-    big = (1.0 - e) * r
-    w = y * y
-    p = -0.006296409
-    p = p * w + 0.021088421
-    p = p * w - 0.053856723
-    p = p * w + 0.13332634
-    p = p * w - 0.3333332
-    small = y + y * (w * p)
-    near_zero = a < 0.55
-    t = tl.where(near_zero, small, tl.where(y < 0.0, -big, big))
-    sech2 = tl.where(near_zero, 1.0 - small * small, 4.0 * e * (r * r))
-    return t, sech2
-
-
-@triton.jit
 def _transform(x, logit_scale, softcap, inv_softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """z = softcap(logit_scale * x) in fp32, and dz/dx (1.0 when there is neither)."""
+    """z = softcap(logit_scale * x) in fp32, and dz/dx (1.0 when there is neither).
+
+    The same roundings as the torch path (z = x * scale, then tanh(z / c)): z / c is the correctly rounded
+    quotient, from the reciprocal plus one fma-corrected step (three flops instead of a division), not
+    z * fl(1 / c), whose second rounding (and the constant's) would sit on every logit; tanh is
+    :func:`fastft.kernels._math.tanh_sech2`, within 0.67 eps of tanh, so z is almost always torch's z.
+    """
     z = x.to(tl.float32)
     dz_dx = 1.0
     if HAS_SCALE:
         z = z * logit_scale
         dz_dx = logit_scale
     if HAS_SOFTCAP:
-        t, sech2 = _tanh_sech2(z * inv_softcap)
+        y = z * inv_softcap
+        y = tl.fma(tl.fma(-y, softcap, z), inv_softcap, y)  # z - y c is exact in one fma: y + that / c
+        t, sech2 = tanh_sech2(y)
         z = softcap * t
         dz_dx = dz_dx * sech2
     return z, dz_dx

@@ -56,15 +56,29 @@ def _pair(n_rows, width, layout, dtype, gen, gate_scale=3.0):
     return rand(n_rows, width, scale=gate_scale).requires_grad_(), rand(n_rows, width).requires_grad_()
 
 
-def _float64_geglu(gate, up, approximate):
-    """The float64 oracle, written so it does not cancel in the lower tail. torch's float64 GELU computes
-    (1 + tanh(y)) / 2 and (1 + erf(x / sqrt 2)) / 2, which lose all digits below x ~ -7 (float64's tanh
-    rounds to -1, 1 + erf cancels); the same numbers are sigmoid(2y) and erfc(-x / sqrt 2) / 2, accurate
-    there — as the kernels compute them."""
+def _float64_cdf(gate, approximate):
+    """The float64 CDF factor of GELU (gelu(g) = g * cdf(g)), written so it does not cancel in the lower tail.
+    torch's float64 GELU computes (1 + tanh(y)) / 2 and (1 + erf(x / sqrt 2)) / 2, which lose all digits below
+    x ~ -7 (float64's tanh rounds to -1, 1 + erf cancels); the same numbers are sigmoid(2y) and
+    erfc(-x / sqrt 2) / 2, accurate there — as the kernels compute them."""
     if approximate == "tanh":
-        y = math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3)
-        return gate * torch.sigmoid(2 * y) * up
-    return gate * (0.5 * torch.special.erfc(-gate / math.sqrt(2))) * up
+        return torch.sigmoid(2 * math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3))
+    return 0.5 * torch.special.erfc(-gate / math.sqrt(2))
+
+
+def _float64_geglu(gate, up, approximate):
+    return gate * _float64_cdf(gate, approximate) * up
+
+
+def _term_scales(gate, up, dy, approximate):
+    """The size of the terms each result is computed from. d gate = dy * up * (cdf(g) + g * cdf'(g)) cancels
+    where gelu' crosses 0 (g ~ -0.75): there no computation in a low precision is accurate relative to d gate
+    itself, only to |dy * up| * (|cdf| + |g cdf'|). out and d up are products: their own size."""
+    g = gate.detach().double().requires_grad_()
+    cdf = _float64_cdf(g, approximate)
+    (dcdf,) = torch.autograd.grad(cdf.sum(), g)
+    g = g.detach()
+    return (dy.double() * up.detach().double()).abs() * (cdf.detach().abs() + (g * dcdf).abs())
 
 
 def _check(gate, up, approximate, backend_name, gen, name=""):
@@ -82,13 +96,21 @@ def _check(gate, up, approximate, backend_name, gen, name=""):
     exact_inputs = [t for t in (g64, u64) if t.requires_grad]
     exact_grads = torch.autograd.grad(exact, exact_inputs, dy.double()) if inputs else ()
     labels = [label for label, t in (("d gate", gate), ("d up", up)) if t.requires_grad]
+    dgate_terms = _term_scales(gate, up, dy, approximate)
     for label, ours, theirs, exact_value in zip(
         ["out", *labels], [out, *grads], [ref, *ref_grads], [exact, *exact_grads], strict=True
     ):
         assert ours.shape == exact_value.shape, f"{name} {label}: shape"
-        assert_no_worse_than_torch(ours, theirs, exact_value, name=f"{name} {approximate} {label} [{backend_name}]")
+        # GELU is a chain of about eight fp32 roundings (the cubic or erf polynomial, exp, a reciprocal, three
+        # products), and so is torch's formula: on a tensor of one or two elements either can land anywhere in
+        # that range, so the floor is 8 roundings of the largest value instead of the default 4. On large
+        # tensors the 2x-torch term decides (measured on 1M elements: fastft's max error 1.5x torch's).
+        terms = dgate_terms if label == "d gate" else exact_value.abs()
+        scale = terms.max().item() if terms.numel() else None
+        assert_no_worse_than_torch(
+            ours, theirs, exact_value, name=f"{name} {approximate} {label} [{backend_name}]", ulps=8.0, scale=scale
+        )
         if ours.dtype == torch.float32 and exact_value.numel():
-            scale = exact_value.abs().max().item()
             assert (ours.double() - exact_value).abs().max().item() <= 1e-5 * scale + 1e-30, f"{label}: fp32 vs f64"
     return out, grads
 
