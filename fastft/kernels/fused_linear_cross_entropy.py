@@ -74,6 +74,7 @@ from fastft.kernels.cross_entropy import (
     _checked_labels,
     _cross_entropy_rows,
     _mean_denominator,
+    cross_entropy_reference,
 )
 
 # Chunking (see the module docstring). Module constants so that tests can lower them to force many chunks.
@@ -100,24 +101,12 @@ def fused_linear_cross_entropy_reference(
     ``ForCausalLMLoss`` does; then logit_scale, softcap, ``F.cross_entropy`` and the reduction. It holds the
     full (N, V) logits: use it for checking, not training.
     """
-    logits = F.linear(hidden, weight, bias)
-    z = logits.reshape(-1, weight.shape[0]).to(torch.promote_types(logits.dtype, torch.float32))
-    if logit_scale is not None:
-        z = z * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    flat_labels = labels.reshape(-1).to(z.device)
-    losses = F.cross_entropy(z, flat_labels, ignore_index=ignore_index, reduction="none")
-    if reduction == "none":
-        return losses.view(labels.shape)
-    total = losses.sum()
-    if reduction == "sum":
-        return total
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(total.device)
-        return total / num_items_in_batch
-    return total / (flat_labels != ignore_index).sum().clamp(min=1)  # 0, not NaN, when every label is ignored
+    logits = F.linear(hidden, weight, bias).reshape(-1, weight.shape[0])
+    flat_labels = labels.reshape(-1).to(logits.device)
+    loss = cross_entropy_reference(
+        logits, flat_labels, ignore_index, reduction, softcap, logit_scale, num_items_in_batch
+    )  # upcasts to fp32 itself
+    return loss.view(labels.shape) if reduction == "none" else loss
 
 
 # ------------------------------------------------------------------------------------------ chunked pass
