@@ -97,16 +97,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
-    print(f"fastft kernel demo on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
-          f"{args.tokens} tokens, {args.dtype}; errors are max |x - float64|, memory is bytes saved for backward")
+    print(
+        f"fastft kernel demo on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
+        f"{args.tokens} tokens, {args.dtype}; errors are max |x - float64|, memory is bytes saved for backward"
+    )
     header = f"{'kernel':<28}{'fastft err':>12}{'torch err':>12}{'fastft saved':>15}{'torch saved':>15}{'ratio':>8}"
     print(header)
     print("-" * len(header))
     for case in _cases(args.tokens, hidden=512, inter=1408, vocab=32000, heads=8, kv_heads=2):
         ours_err, ref_err, ours_bytes, ref_bytes = _measure(case, device, dtype)
         ratio = ours_bytes / ref_bytes if ref_bytes else float("nan")
-        print(f"{case.name:<28}{ours_err:>12.2e}{ref_err:>12.2e}{ours_bytes / 2**20:>12.2f} MiB"
-              f"{ref_bytes / 2**20:>12.2f} MiB{ratio:>8.3f}")
+        print(
+            f"{case.name:<28}{ours_err:>12.2e}{ref_err:>12.2e}{ours_bytes / 2**20:>12.2f} MiB"
+            f"{ref_bytes / 2**20:>12.2f} MiB{ratio:>8.3f}"
+        )
 
 
 if __name__ == "__main__":

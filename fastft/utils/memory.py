@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from typing_extensions import Self
 
 
 @dataclass
@@ -52,7 +53,7 @@ class SavedTensorMeter:
     def total_bytes(self) -> int:
         return sum(self._storages.values())
 
-    def __enter__(self) -> SavedTensorMeter:
+    def __enter__(self) -> Self:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
         self._hooks.__enter__()
         return self

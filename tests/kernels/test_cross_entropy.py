@@ -297,7 +297,9 @@ def test_softcap_tanh_is_accurate():
     t_err = (t.double() - exact_t).abs() / (eps * exact_t.abs() + tiny)
     sech2_err = (sech2.double() - exact_sech2).abs() / (eps * exact_sech2 + tiny)
     assert t_err.max().item() <= 0.7, f"tanh: {t_err.max().item():.3f} eps at y = {y[t_err.argmax()].item()!r}"
-    assert sech2_err.max().item() <= 1.9, f"1 - tanh^2: {sech2_err.max().item():.3f} eps at {y[sech2_err.argmax()].item()!r}"
+    assert sech2_err.max().item() <= 1.9, (
+        f"1 - tanh^2: {sech2_err.max().item():.3f} eps at {y[sech2_err.argmax()].item()!r}"
+    )
     dense = y.abs() <= 4  # where tanh is not exactly +-1
     assert (t[dense] == exact_t[dense].float()).double().mean().item() >= 0.96
     assert t[-2].item() == -1.0 and t[-1].item() == 1.0 and sech2[-2].item() == sech2[-1].item() == 0.0
@@ -352,7 +354,10 @@ def test_minus_inf_logits(be):
 def test_label_out_of_range_raises(be, bad):
     logits, labels = make_inputs(3, 50, torch.float32, seed=7)
     labels[1] = bad
-    with backend(be), pytest.raises(ValueError, match=rf"labels \(flattened\) \[1\] = {bad} is outside \[0, 50\).*ignore_index"):
+    with (
+        backend(be),
+        pytest.raises(ValueError, match=rf"labels \(flattened\) \[1\] = {bad} is outside \[0, 50\).*ignore_index"),
+    ):
         cross_entropy(logits, labels)
 
 
