@@ -57,6 +57,7 @@ from benchmarks import harness, shapes
 from fastft.kernels import _dispatch
 
 CONTENDERS = ("fastft", "pytorch", "torch.compile", "liger")
+ACCURACY_CONTENDERS = ("fastft", "pytorch")  # the accuracy pass: fastft against what users run today
 PHASES = ("fwd", "bwd", "fwdbwd")
 
 
@@ -84,7 +85,7 @@ class KernelBench:
 
     name: str
     module: str  # fastft.kernels.<module> defines the public function <module> and <module>_reference
-    build: Callable[[torch.device], dict]
+    build: Callable[..., dict]  # (device, tokens=None) -> inputs; None: the benchmark's token count
     args: tuple[str, ...]
     shape: str
     kwargs: dict = field(default_factory=dict)
@@ -97,8 +98,9 @@ class KernelBench:
         return impl(*[inputs[name] for name in self.args], **(self.kwargs if kwargs is None else kwargs))
 
 
-def _on(device: torch.device, builder: Callable, **kw) -> dict:
-    return builder(shapes.shape_for(device), device, **kw)
+def _on(device: torch.device, tokens: int | None = None, *, builder: Callable, **kw) -> dict:
+    shape = shapes.shape_for(device)
+    return builder(dataclasses.replace(shape, tokens=tokens or shape.tokens), device, **kw)
 
 
 def _benches(device: torch.device) -> list[KernelBench]:
@@ -174,7 +176,9 @@ def _benches(device: torch.device) -> list[KernelBench]:
         KernelBench(
             name="fused_linear_cross_entropy:lora",
             module="fused_linear_cross_entropy",
-            build=lambda d: shapes.fused_linear_cross_entropy_inputs(head, d),
+            build=lambda d, tokens=None: shapes.fused_linear_cross_entropy_inputs(
+                dataclasses.replace(head, tokens=tokens or head.tokens), d
+            ),
             args=("hidden", "weight", "labels"),
             shape=f"hidden ({head.tokens}, {head.hidden}) bf16, frozen head ({head.vocab}, {head.hidden})",
             liger="liger_fused_linear_cross_entropy",
@@ -282,6 +286,7 @@ class Result:
     copy_fraction: dict = field(default_factory=dict)  # phase -> GB/s / copy GB/s
     tflops: float | None = None
     speedup: dict = field(default_factory=dict)  # phase -> this contender's time / fastft's time
+    errors: dict = field(default_factory=dict)  # output or gradient -> max |value - float64| (accuracy pass)
 
     def ms(self, phase: str) -> float | None:
         return {"fwd": self.fwd_ms, "bwd": self.bwd_ms, "fwdbwd": self.total_ms}[phase]
@@ -296,6 +301,44 @@ def _flops(inputs: dict) -> int | None:
     return None
 
 
+ACCURACY_TOKENS = 256  # on a GPU the accuracy pass runs the benchmark's widths at this many tokens (float64 is big)
+
+
+def accuracy(bench: KernelBench, impl: Callable[[dict], object], device: torch.device) -> dict[str, float]:
+    """Max |value - float64| of every output and gradient of ``impl``, at ``ACCURACY_TOKENS`` tokens on a GPU.
+
+    The oracle is the kernel's ``*_reference`` run in float64 on the same inputs with the same upstream
+    gradients. Run for fastft and the plain PyTorch formula, it shows on the benchmark's own device (for
+    fastft on a GPU: the compiled kernels, which the CPU tests only check interpreted) that fastft is no
+    less accurate than what users run today.
+    """
+    inputs = bench.build(device, ACCURACY_TOKENS if device.type == "cuda" else None)
+    names = [k for k, t in inputs.items() if t.requires_grad]
+
+    def run(fn: Callable[[dict], object], cast: torch.dtype | None, upstream: list | None):
+        leaves = {
+            k: (t.detach().to(cast) if cast is not None and t.is_floating_point() else t.detach()).requires_grad_(
+                t.requires_grad
+            )
+            for k, t in inputs.items()
+        }
+        outs = harness.as_tuple(fn(leaves))
+        upstream = upstream or harness.make_grad_outputs(outs)
+        grads = torch.autograd.grad(outs, [leaves[k] for k in names], [u.to(o.dtype) for u, o in zip(upstream, outs)])
+        return outs, grads, upstream
+
+    outs, grads, upstream = run(impl, None, None)
+    module = importlib.import_module(f"fastft.kernels.{bench.module}")
+    reference = getattr(module, f"{bench.module}_reference")
+    exact_outs, exact_grads, _ = run(lambda i: bench.call(reference, i), torch.float64, upstream)
+    errors = {}
+    for i, (o, e) in enumerate(zip(outs, exact_outs)):
+        errors[f"out{i if len(outs) > 1 else ''}"] = (o.double() - e).abs().max().item() if o.numel() else 0.0
+    for name, g, e in zip(names, grads, exact_grads):
+        errors[f"d {name}"] = (g.double() - e).abs().max().item() if g.numel() else 0.0
+    return errors
+
+
 def measure(bench: KernelBench, contender: str, device: torch.device, target_s: float = 0.5) -> Result:
     """Time one contender on freshly built inputs; never raises (the status says what happened)."""
     result = Result(bench.name, contender, device.type, bench.shape)
@@ -308,6 +351,9 @@ def measure(bench: KernelBench, contender: str, device: torch.device, target_s: 
         result.fwd_ms, result.bwd_ms, result.total_ms = times.fwd_ms, times.bwd_ms, times.total_ms
         result.reps, result.peak_extra_bytes = times.reps, times.peak_extra_bytes
         result.flops = _flops(inputs)
+        inputs = None
+        if contender in ACCURACY_CONTENDERS:
+            result.errors = accuracy(bench, impl, device)
     except Unavailable as exc:
         result.status, result.reason = exc.status, str(exc)
     except Exception as exc:  # noqa: BLE001 - recorded in the result, the run goes on
@@ -448,7 +494,18 @@ def markdown(meta: dict, results: list[Result]) -> str:
                 f"{_fmt_rate(r.tflops)} | {_fmt(peak, '.0f')} | "
                 f"{speed if r.contender != 'fastft' else ''} | {status} |"
             )
+        ours = next((r.errors for r in rows if r.contender == "fastft" and r.errors), None)
+        theirs = next((r.errors for r in rows if r.contender == "pytorch" and r.errors), None)
+        if ours and theirs:
+            lines += ["", _accuracy_line(ours, theirs, cpu)]
     return "\n".join(lines) + "\n"
+
+
+def _accuracy_line(ours: dict[str, float], theirs: dict[str, float], cpu: bool) -> str:
+    """fastft's and the PyTorch formula's max |error| against float64, output by output."""
+    tokens = "the benchmark's" if cpu else str(ACCURACY_TOKENS)
+    parts = [f"{name} {ours[name]:.2e} vs {theirs.get(name, float('nan')):.2e}" for name in ours]
+    return f"Accuracy, max abs error vs float64 at {tokens} tokens (fastft vs PyTorch formula): " + "; ".join(parts)
 
 
 def _human_bytes(n: int | None) -> str:
