@@ -88,3 +88,16 @@ def test_script_mode_on_cpu(tmp_path):
         assert rows[kernel, "liger"]["status"] in ("not installed", "skipped")  # CUDA only
     report = (tmp_path / "kernels.md").read_text()
     assert "CPU numbers" in report and "## rms_norm" in report and "| fastft |" in report
+
+
+def test_accuracy_pass_measures_every_output_and_gradient():
+    # Under the test session fastft runs its interpreted kernels here; the pass must name every output and
+    # every gradient, give finite errors, and catch a wrong implementation.
+    b = next(x for x in bench._benches(CPU) if x.name == "swiglu")
+    ours = bench.accuracy(b, bench.implementation(b, "fastft", CPU), CPU)
+    theirs = bench.accuracy(b, bench.implementation(b, "pytorch", CPU), CPU)
+    assert set(ours) == set(theirs) == {"out", "d gate", "d up"}
+    assert all(0 <= e < 0.1 for e in ours.values())  # bf16 inputs of size ~1: errors of a few bf16 ulps
+    assert all(ours[k] <= 2 * theirs[k] + 1e-2 for k in ours)
+    wrong = bench.accuracy(b, lambda inputs: torch.sigmoid(inputs["gate"]) * inputs["up"], CPU)
+    assert wrong["out"] > 0.1
