@@ -41,7 +41,15 @@ import triton.language as tl
 from fastft.kernels._dispatch import use_triton
 from fastft.kernels._math import normal_cdf_pdf, sigmoid_pair
 from fastft.kernels._spec import AuditCase, Ptr
-from fastft.kernels.swiglu import _TRITON_DTYPES, _as_rows, _check_gated_inputs, _compute_dtype, _launch_config
+from fastft.kernels.swiglu import (
+    _TRITON_DTYPES,
+    _as_rows,
+    _check_gated_inputs,
+    _compute_dtype,
+    _launch_config,
+    _launch_gated_backward,
+    _launch_gated_forward,
+)
 
 _APPROXIMATIONS = ("none", "tanh")
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -138,53 +146,15 @@ def _geglu_backward_kernel(
 
 
 def _geglu_forward_triton(gate: torch.Tensor, up: torch.Tensor, approximate: str) -> torch.Tensor:
-    n_rows, n_cols = gate.shape
-    out = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
-    if out.numel() == 0:
-        return out
-    block, num_warps = _launch_config(n_cols)
-    grid = (n_rows, triton.cdiv(n_cols, block))
-    _geglu_forward_kernel[grid](
-        gate,
-        up,
-        out,
-        n_cols,
-        gate.stride(0),
-        up.stride(0),
-        APPROXIMATE_TANH=approximate == "tanh",
-        BLOCK=block,
-        num_warps=num_warps,
-    )
-    return out
+    return _launch_gated_forward(_geglu_forward_kernel, gate, up, APPROXIMATE_TANH=approximate == "tanh")
 
 
 def _geglu_backward_triton(
     gate: torch.Tensor, up: torch.Tensor, dout: torch.Tensor, approximate: str, need_dgate: bool, need_dup: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    n_rows, n_cols = gate.shape
-    dgate = torch.empty_like(gate, memory_format=torch.contiguous_format) if need_dgate else None
-    dup = torch.empty_like(up, memory_format=torch.contiguous_format) if need_dup else None
-    if gate.numel() == 0 or not (need_dgate or need_dup):
-        return dgate, dup
-    block, num_warps = _launch_config(n_cols)
-    grid = (n_rows, triton.cdiv(n_cols, block))
-    _geglu_backward_kernel[grid](
-        gate,
-        up,
-        dout,
-        dgate if need_dgate else dout,  # an unused output is never touched (constexpr flag off)
-        dup if need_dup else dout,
-        n_cols,
-        gate.stride(0),
-        up.stride(0),
-        dout.stride(0),
-        APPROXIMATE_TANH=approximate == "tanh",
-        COMPUTE_DGATE=need_dgate,
-        COMPUTE_DUP=need_dup,
-        BLOCK=block,
-        num_warps=num_warps,
+    return _launch_gated_backward(
+        _geglu_backward_kernel, gate, up, dout, need_dgate, need_dup, APPROXIMATE_TANH=approximate == "tanh"
     )
-    return dgate, dup
 
 
 def _gelu_and_derivative_torch(g: torch.Tensor, approximate: str, derivative: bool):

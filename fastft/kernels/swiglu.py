@@ -161,20 +161,22 @@ def _check_gated_inputs(op: str, gate: object, up: object) -> None:
         raise ValueError(f"{op}: gate is on {gate.device} but up is on {up.device}; move both to one device.")
 
 
-def _swiglu_forward_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _launch_gated_forward(kernel, gate: torch.Tensor, up: torch.Tensor, **flags) -> torch.Tensor:
+    """Launch a gated-activation forward kernel (this file's or geglu's) over (rows, column blocks)."""
     n_rows, n_cols = gate.shape
     out = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
     if out.numel() == 0:
         return out
     block, num_warps = _launch_config(n_cols)
     grid = (n_rows, triton.cdiv(n_cols, block))
-    _swiglu_forward_kernel[grid](gate, up, out, n_cols, gate.stride(0), up.stride(0), BLOCK=block, num_warps=num_warps)
+    kernel[grid](gate, up, out, n_cols, gate.stride(0), up.stride(0), **flags, BLOCK=block, num_warps=num_warps)
     return out
 
 
-def _swiglu_backward_triton(
-    gate: torch.Tensor, up: torch.Tensor, dout: torch.Tensor, need_dgate: bool, need_dup: bool
+def _launch_gated_backward(
+    kernel, gate: torch.Tensor, up: torch.Tensor, dout: torch.Tensor, need_dgate: bool, need_dup: bool, **flags
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Launch a gated-activation backward kernel; only the requested gradients are allocated and written."""
     n_rows, n_cols = gate.shape
     dgate = torch.empty_like(gate, memory_format=torch.contiguous_format) if need_dgate else None
     dup = torch.empty_like(up, memory_format=torch.contiguous_format) if need_dup else None
@@ -182,7 +184,7 @@ def _swiglu_backward_triton(
         return dgate, dup
     block, num_warps = _launch_config(n_cols)
     grid = (n_rows, triton.cdiv(n_cols, block))
-    _swiglu_backward_kernel[grid](
+    kernel[grid](
         gate,
         up,
         dout,
@@ -192,12 +194,23 @@ def _swiglu_backward_triton(
         gate.stride(0),
         up.stride(0),
         dout.stride(0),
+        **flags,
         COMPUTE_DGATE=need_dgate,
         COMPUTE_DUP=need_dup,
         BLOCK=block,
         num_warps=num_warps,
     )
     return dgate, dup
+
+
+def _swiglu_forward_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return _launch_gated_forward(_swiglu_forward_kernel, gate, up)
+
+
+def _swiglu_backward_triton(
+    gate: torch.Tensor, up: torch.Tensor, dout: torch.Tensor, need_dgate: bool, need_dup: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    return _launch_gated_backward(_swiglu_backward_kernel, gate, up, dout, need_dgate, need_dup)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
