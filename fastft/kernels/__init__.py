@@ -12,13 +12,17 @@ from fastft.kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy_reference,
 )
 from fastft.kernels.geglu import geglu, geglu_reference
+from fastft.kernels.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference
 from fastft.kernels.rms_norm import rms_norm, rms_norm_reference
 from fastft.kernels.rope import rope, rope_reference
 from fastft.kernels.swiglu import swiglu, swiglu_reference
 
 __all__ = [
+    "NF4Weight",
     "cross_entropy",
     "cross_entropy_reference",
+    "dequantize_nf4",
+    "dequantize_nf4_reference",
     "force_backend",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_reference",

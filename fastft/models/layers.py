@@ -1,0 +1,258 @@
+"""The fast versions of recognised modules, installed by swapping one instance's class to a subclass.
+
+A swapped module keeps its ``__name__`` (FSDP wrap policies and ``_no_split_modules`` match class names), its
+parameters and state dict, and ``isinstance`` against the original class; only ``forward`` changes. Nothing is
+changed at class level in transformers or PEFT, so other models in the process are untouched. The one
+exception is the rotary function that attention code calls as a module global: it is wrapped once per
+modeling module by a dispatcher that runs fastft's kernel only inside the forward of an attention instance
+fastft patched (a context variable says so) and calls the original everywhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastft.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from fastft.kernels.geglu import geglu
+from fastft.kernels.lora import lora_linear, lora_mlp, lora_qkv
+from fastft.kernels.rms_norm import rms_norm
+from fastft.kernels.rope import rope
+from fastft.kernels.swiglu import swiglu
+from fastft.models.projections import read_projection
+from fastft.models.recognize import AttentionLayout, MLPLayout
+
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+def swap_class(module: nn.Module, mixin: type) -> bool:
+    """Make ``module`` an instance of ``(mixin, type(module))``; False if it already is one."""
+    cls = type(module)
+    if issubclass(cls, mixin):
+        return False
+    sub = _SUBCLASSES.get((cls, mixin))
+    if sub is None:
+        sub = type(cls.__name__, (mixin, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        _SUBCLASSES[(cls, mixin)] = sub
+    module.__class__ = sub
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ RMSNorm
+
+
+class FastRMSNorm:
+    """RMSNorm through :func:`fastft.kernels.rms_norm` (saves x and one fp32 number per row)."""
+
+    _fastft_eps_attr: str
+    _fastft_offset: float
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden_states, self.weight, getattr(self, self._fastft_eps_attr), self._fastft_offset)
+
+
+# ------------------------------------------------------------------------------------------------ gated MLP
+
+
+def _activation(name: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if name == "swiglu":
+        return swiglu(gate, up)
+    return geglu(gate, up, approximate="tanh" if name == "geglu_tanh" else "none")
+
+
+class FastGatedMLP:
+    """``down(act(gate(x)) * up(x))`` as one fused LoRA Function when every projection allows it."""
+
+    _fastft_layout: MLPLayout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layout = self._fastft_layout
+        names = (layout.gate_up, layout.down) if layout.gate_up else (layout.gate, layout.up, layout.down)
+        projections = [read_projection(getattr(self, n)) for n in names]
+        if all(p is not None for p in projections):
+            if layout.gate_up:
+                return lora_mlp(x, projections[0], None, projections[1], layout.activation)
+            return lora_mlp(x, *projections, layout.activation)
+        # Fallback (8-bit or DoRA layers, several active adapters, ...): the modules themselves, fused activation.
+        if layout.gate_up:
+            gate, up = getattr(self, layout.gate_up)(x).chunk(2, dim=-1)
+        else:
+            gate, up = getattr(self, layout.gate)(x), getattr(self, layout.up)(x)
+        return getattr(self, layout.down)(_activation(layout.activation, gate, up))
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+_ROPE_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("fastft_rope_active", default=False)
+
+
+def install_rope_dispatcher(home: object) -> None:
+    """Wrap ``home.apply_rotary_pos_emb`` once so patched attention instances run fastft's RoPE kernel."""
+    original = home.apply_rotary_pos_emb
+    if getattr(original, "_fastft_dispatcher", False):
+        return
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        unsqueeze_dim = kwargs.get("unsqueeze_dim", args[-1] if len(args) == 1 else 1)
+        if _ROPE_ACTIVE.get() and unsqueeze_dim == 1 and len(args) + len(kwargs) <= 1:
+            return rope(q, k, cos, sin)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb._fastft_dispatcher = True
+    apply_rotary_pos_emb.__wrapped__ = original
+    apply_rotary_pos_emb.__doc__ = original.__doc__
+    home.apply_rotary_pos_emb = apply_rotary_pos_emb
+
+
+class FastProjection:
+    """A projection that returns an output its attention block already computed (fused q/k/v), or runs the
+    fused single-projection LoRA Function, or falls back to its own forward."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        pending = self.__dict__.pop("_fastft_pending", None)
+        if pending is not None and pending[0] is x and not args and not kwargs:
+            return pending[1]
+        proj = None if args or kwargs else read_projection(self)
+        if proj is None:
+            return super().forward(x, *args, **kwargs)
+        return lora_linear(x, proj)
+
+
+class FastAttention:
+    """Transformers' own attention forward, with fastft's RoPE and (when q, k, v allow) one fused q/k/v Function
+    computed up front and handed to the projections as they are called."""
+
+    _fastft_layout: AttentionLayout
+
+    def forward(self, *args, **kwargs):
+        hidden_states = args[0] if args else kwargs.get("hidden_states")
+        token = _ROPE_ACTIVE.set(True)
+        names = ()
+        try:
+            names = self._precompute_qkv(hidden_states)
+            return super().forward(*args, **kwargs)
+        finally:
+            _ROPE_ACTIVE.reset(token)
+            for n in names:  # outputs the forward did not ask for (it always does; never leave references behind)
+                getattr(self, n).__dict__.pop("_fastft_pending", None)
+
+    def _precompute_qkv(self, x: object) -> tuple[str, ...]:
+        layout = self._fastft_layout
+        if layout.q is None or not isinstance(x, torch.Tensor):
+            swap_class(getattr(self, layout.qkv or layout.o), FastProjection)
+            swap_class(getattr(self, layout.o), FastProjection)
+            return ()
+        names = (layout.q, layout.k, layout.v)
+        modules = [getattr(self, n) for n in names]
+        for module in (*modules, getattr(self, layout.o)):
+            swap_class(module, FastProjection)  # PEFT may have replaced the projections since patching
+        projections = [read_projection(m) for m in modules]
+        if any(p is None for p in projections):
+            return ()
+        outputs = lora_qkv(x, *projections)
+        for module, out in zip(modules, outputs):
+            module.__dict__["_fastft_pending"] = (x, out)
+        return names
+
+
+# ------------------------------------------------------------------------------------------------ causal-LM loss
+
+
+@dataclass
+class _Capture:
+    head: nn.Module
+    hidden: torch.Tensor | None = None
+
+
+_CAPTURE: contextvars.ContextVar[_Capture | None] = contextvars.ContextVar("fastft_head_capture", default=None)
+
+
+class FastLMHead:
+    """An output head that, while its causal LM computes a fused loss, hands over its input instead of logits."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        capture = _CAPTURE.get()
+        if capture is not None and capture.head is self:
+            capture.hidden = hidden_states
+            return hidden_states.new_empty(*hidden_states.shape[:-1], 0)
+        return super().forward(hidden_states, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _capturing(head: nn.Module) -> Iterator[_Capture]:
+    capture = _Capture(head)
+    token = _CAPTURE.set(capture)
+    try:
+        yield capture
+    finally:
+        _CAPTURE.reset(token)
+
+
+def head_linear(head: nn.Module) -> nn.Linear | None:
+    """The ``nn.Linear`` an output head computes right now (through PEFT's ``modules_to_save`` wrapper), or None."""
+    if hasattr(head, "modules_to_save") and hasattr(head, "original_module"):
+        active = getattr(head, "active_adapters", None) or [getattr(head, "active_adapter", None)]
+        if getattr(head, "disable_adapters", False) or len(active) != 1 or active[0] not in head.modules_to_save:
+            head = head.original_module
+        else:
+            head = head.modules_to_save[active[0]]
+    if isinstance(head, nn.Linear) and not hasattr(head, "lora_A") and head.weight.is_floating_point():
+        return head
+    return None
+
+
+class FastCausalLM:
+    """A causal LM whose training loss comes from :func:`fused_linear_cross_entropy` on the hidden states.
+
+    With ``labels`` in training mode no (batch, seq, vocab) logits tensor is created and ``logits`` is None in
+    the output; without labels, in eval mode, or with ``fastft_return_logits = True`` on the model, the
+    model's own forward runs and returns logits as usual.
+    """
+
+    fastft_return_logits: bool = False
+
+    def forward(self, *args, **kwargs):
+        labels = kwargs.get("labels")
+        head = self.get_output_embeddings()
+        linear = head_linear(head) if head is not None else None
+        if (
+            labels is None
+            or not self.training
+            or self.fastft_return_logits
+            or linear is None
+            or len(args) > 1
+            or kwargs.get("logits_to_keep", 0) not in (0, None)
+        ):
+            return super().forward(*args, **kwargs)
+        return_dict = kwargs.pop("return_dict", None)
+        kwargs["labels"] = None
+        swap_class(head, FastLMHead)
+        with _capturing(head) as capture:
+            out = super().forward(*args, return_dict=True, **kwargs)
+        if capture.hidden is None:
+            raise RuntimeError(
+                f"fastft: {type(self).__name__}.forward did not call its output head; patch it with fused_loss=False"
+            )
+        hidden = capture.hidden
+        shift_labels = kwargs.get("shift_labels")
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=kwargs.get("ignore_index", -100))[..., 1:]
+        config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        loss = fused_linear_cross_entropy(
+            hidden,
+            linear.weight,
+            shift_labels.to(hidden.device),
+            bias=linear.bias,
+            ignore_index=kwargs.get("ignore_index", -100),
+            softcap=getattr(config, "final_logit_softcapping", None),
+            num_items_in_batch=kwargs.get("num_items_in_batch"),
+        )
+        fields = {k: v for k, v in out.items() if k not in ("logits", "loss")}
+        out = type(out)(loss=loss, **fields)
+        return out.to_tuple() if return_dict is False else out
