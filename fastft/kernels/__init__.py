@@ -12,12 +12,14 @@ from fastft.kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy_reference,
 )
 from fastft.kernels.geglu import geglu, geglu_reference
+from fastft.kernels.lora import LoRAProjection, lora_linear, lora_mlp, lora_qkv
 from fastft.kernels.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference
 from fastft.kernels.rms_norm import rms_norm, rms_norm_reference
 from fastft.kernels.rope import rope, rope_reference
 from fastft.kernels.swiglu import swiglu, swiglu_reference
 
 __all__ = [
+    "LoRAProjection",
     "NF4Weight",
     "cross_entropy",
     "cross_entropy_reference",
@@ -28,6 +30,9 @@ __all__ = [
     "fused_linear_cross_entropy_reference",
     "geglu",
     "geglu_reference",
+    "lora_linear",
+    "lora_mlp",
+    "lora_qkv",
     "rms_norm",
     "rms_norm_reference",
     "rope",

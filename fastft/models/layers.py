@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -38,7 +39,15 @@ def swap_class(module: nn.Module, mixin: type) -> bool:
         return False
     sub = _SUBCLASSES.get((cls, mixin))
     if sub is None:
-        sub = type(cls.__name__, (mixin, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+        def forward(self, *args, **kwargs):
+            return mixin.forward(self, *args, **kwargs)
+
+        # The original signature and docstring (``inspect.signature`` follows ``__wrapped__``): the HF Trainer
+        # keeps only the dataset columns that the model's forward names, so ``(*args, **kwargs)`` would drop all.
+        functools.update_wrapper(forward, cls.forward)
+        namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "forward": forward}
+        sub = type(cls.__name__, (mixin, cls), namespace)
         _SUBCLASSES[(cls, mixin)] = sub
     module.__class__ = sub
     return True

@@ -275,3 +275,14 @@ def test_patch_rejects_what_is_not_a_model():
         patch("meta-llama/Llama-3.1-8B")
     with pytest.raises(TypeError, match="config"):
         patch(torch.nn.Linear(2, 2))
+
+
+def test_patched_forward_keeps_its_signature():
+    """The HF Trainer keeps the dataset columns the model's forward names: the signature must survive."""
+    import inspect
+
+    plain, fast = twins("llama")
+    patch(fast)
+    names = list(inspect.signature(fast.get_base_model().forward).parameters)
+    assert names == list(inspect.signature(plain.get_base_model().forward).parameters)
+    assert {"input_ids", "attention_mask", "labels"} <= set(names)
