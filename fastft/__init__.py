@@ -1,7 +1,30 @@
 """fastft: hand-derived Triton kernels that make Hugging Face LLM fine-tuning faster and leaner.
 
-The kernels live in :mod:`fastft.kernels`; model patching (``FastModel``), the TRL glue and sharding
-build on them in later layers (see DESIGN.md).
+``from fastft import FastModel`` loads and patches a causal LM (Unsloth's ``FastLanguageModel`` argument
+names); ``fastft.patch(model)`` makes a model the user built themselves fast, in place. The kernels live in
+:mod:`fastft.kernels`. ``FastModel`` and ``patch`` are imported on first use, so ``import fastft.kernels``
+does not pull in transformers, PEFT and bitsandbytes.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fastft.models.fast_model import FastModel
+    from fastft.models.patch import patch
+
 __version__ = "0.1.0.dev0"
+__all__ = ["FastModel", "__version__", "patch"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FastModel":
+        from fastft.models.fast_model import FastModel
+
+        return FastModel
+    if name == "patch":
+        from fastft.models.patch import patch
+
+        return patch
+    raise AttributeError(f"module 'fastft' has no attribute {name!r}")

@@ -43,14 +43,16 @@ The cost is a 4*V*H-byte buffer instead of 2*V*H while the forward runs; a froze
 (V, H)-sized at all. ``dL/dh`` is written in the model dtype per chunk and then divided by D (one extra
 rounding, covered by the 2x error budget); ``dL/db`` accumulates in fp32.
 
-Chunk size. ``C = max(min_rows, LOGITS_CHUNK_BYTES // (V * itemsize))`` rows, rounded down to a multiple
-of 64 (whole GEMM tiles), then balanced (``ceil(N / ceil(N / C))`` rounded up to a multiple of 64, so no
-small tail chunk): the (C, V) logits stay within a fixed 256 MiB budget (Llama-3: 1024 rows of bf16
-logits; Gemma's 262144 vocabulary: 512 rows) unless that is below ``min_rows``: 256 rows keep the weight
-read amortised (a GEMM with M = C reads all of W for 2*C*V*H FLOPs: C >= ~200 is
-compute-bound on an H200), 1024 when W's gradient is accumulated (the fp32 buffer's read+write of 8*V*H
-bytes per chunk must stay below the 2*C*V*H-FLOP GEMM it rides on). Tests lower these module constants to
-force many chunks.
+Chunk size. ``C = max(min_rows, min(LOGITS_CHUNK_BYTES // (V * itemsize), ceil(N * H / V)))`` rows, rounded
+down to a multiple of 64 (whole GEMM tiles), then balanced (``ceil(N / ceil(N / C))`` rounded up to a multiple
+of 64, so no small tail chunk). Two budgets bound the (C, V) logits chunk: a fixed 256 MiB (Llama-3: 1024
+rows of bf16 logits; Gemma's 262144 vocabulary: 512 rows), and the size of the hidden states themselves
+(``C * V <= N * H``: the loss never holds more logits than the activations it reads, so a short batch is
+still split and no (N, V) logits tensor ever exists beyond ``min_rows`` tokens; Llama-3-8B at 8192 tokens:
+256-row chunks). Neither may go below ``min_rows``: 256 rows keep the weight read amortised (a GEMM with
+M = C reads all of W for 2*C*V*H FLOPs: C >= ~200 is compute-bound on an H200), 1024 when W's gradient is
+accumulated (the fp32 buffer's read+write of 8*V*H bytes per chunk must stay below the 2*C*V*H-FLOP GEMM it
+rides on). Tests lower these module constants to force many chunks.
 
 Saved for backward ("sum"/"mean"): the finished gradients only: grad_hidden (N*H in h's dtype) when h
 requires grad, grad_weight (V*H in W's dtype) when W does, grad_bias (V) when b does. Nothing else, and
@@ -112,10 +114,12 @@ def fused_linear_cross_entropy_reference(
 # ------------------------------------------------------------------------------------------ chunked pass
 
 
-def _chunk_rows(n_rows: int, vocab: int, itemsize: int, weight_grad: bool) -> int:
-    """Rows per chunk: the logits budget, floored for GEMM efficiency, then balanced over the chunks."""
+def _chunk_rows(n_rows: int, vocab: int, itemsize: int, weight_grad: bool, hidden: int) -> int:
+    """Rows per chunk: the logits budgets, floored for GEMM efficiency, then balanced over the chunks."""
     floor = MIN_CHUNK_ROWS_WEIGHT_GRAD if weight_grad else MIN_CHUNK_ROWS
-    rows = max(1, floor, LOGITS_CHUNK_BYTES // max(vocab * itemsize, 1))
+    vocab = max(vocab, 1)
+    budget = min(LOGITS_CHUNK_BYTES // (vocab * itemsize), -(-n_rows * hidden // vocab))
+    rows = max(1, floor, budget)
     align = _ROW_ALIGN if rows >= _ROW_ALIGN else 1
     rows -= rows % align
     if n_rows <= rows:
@@ -179,7 +183,7 @@ def _chunked_loss_and_grads(
     acc_dtype = torch.promote_types(h.dtype, torch.float32)
     losses = torch.empty(n_rows, dtype=acc_dtype, device=h.device)
     write_grad = grad_hidden is not None or grad_weight is not None or grad_bias is not None
-    rows = _chunk_rows(n_rows, vocab, h.element_size(), grad_weight is not None)
+    rows = _chunk_rows(n_rows, vocab, h.element_size(), grad_weight is not None, h.shape[1])
     # One logits buffer for every chunk (the last one uses its first rows): a single (C, V) allocation.
     logits_buffer = torch.empty(min(rows, n_rows), vocab, dtype=h.dtype, device=h.device)
     for start in range(0, n_rows, rows):

@@ -322,14 +322,19 @@ def test_forced_chunks_equal_one_chunk(be, reduction):
 def test_chunk_size_formula():
     """Production budget: 256 MiB of logits, floors of 256 rows (1024 with a weight gradient), whole 64-row
     tiles, balanced chunks."""
-    assert flce._chunk_rows(8192, 128256, 2, weight_grad=False) == 1024  # Llama-3, bf16: 8 chunks
-    assert flce._chunk_rows(8192, 262144, 2, weight_grad=False) == 512  # Gemma: 16 chunks within 256 MiB
-    assert flce._chunk_rows(8192, 262144, 2, weight_grad=True) == 1024  # floor for the fp32 dW buffer
-    assert flce._chunk_rows(1100, 128256, 2, weight_grad=False) == 576  # balanced: 576 + 524, no 76-row tail
-    assert flce._chunk_rows(300, 128256, 2, weight_grad=False) == 300  # one chunk
-    assert flce._chunk_rows(65536, 128256, 2, weight_grad=True) == 1024  # long batches: more chunks, same size
-    assert flce._chunk_rows(0, 128256, 2, weight_grad=False) == 1
-    assert flce._chunk_rows(10, 3, 4, weight_grad=False) == 10
+    # Llama-3-8B at 8192 tokens: the hidden-states budget (8192 * 4096 / 128256 = 262 rows) wins: 32 chunks
+    assert flce._chunk_rows(8192, 128256, 2, weight_grad=False, hidden=4096) == 256
+    assert flce._chunk_rows(65536, 128256, 2, weight_grad=False, hidden=4096) == 1024  # long: the 256 MiB cap
+    assert flce._chunk_rows(65536, 262144, 2, weight_grad=False, hidden=3584) == 512  # Gemma: 256 MiB cap
+    assert flce._chunk_rows(8192, 262144, 2, weight_grad=True, hidden=3584) == 1024  # floor for the fp32 dW buffer
+    assert flce._chunk_rows(32768, 128256, 2, weight_grad=False, hidden=4352) == 1024  # balanced 1024s
+    assert flce._chunk_rows(4400, 128256, 2, weight_grad=False, hidden=16384) == 512  # 562 rows, aligned down
+    assert flce._chunk_rows(300, 128256, 2, weight_grad=False, hidden=4096) == 192  # 256-row floor, balanced: 192+108
+    assert flce._chunk_rows(200, 128256, 2, weight_grad=False, hidden=4096) == 200  # below the floor: one chunk
+    # The memory benchmark's config (1024 tokens, H 1024, V 32000): 4 chunks of 256, never the (N, V) logits
+    assert flce._chunk_rows(1024, 32000, 2, weight_grad=False, hidden=1024) == 256
+    assert flce._chunk_rows(0, 128256, 2, weight_grad=False, hidden=4096) == 1
+    assert flce._chunk_rows(10, 3, 4, weight_grad=False, hidden=8) == 10
 
 
 # ------------------------------------------------------------------------------------------------- memory

@@ -1,0 +1,588 @@
+"""``FastModel``: load, add LoRA adapters, train and save a causal LM with fastft's kernels, in Unsloth's words.
+
+The argument names follow Unsloth's ``FastLanguageModel`` (and Hugging Face's), so a notebook ports by changing
+the import::
+
+    model, tokenizer = FastModel.from_pretrained("meta-llama/Llama-3.2-1B", max_seq_length=4096, load_in_4bit=True)
+    model = FastModel.get_peft_model(model, r=16, use_gradient_checkpointing="unsloth")
+    ...  # any unmodified TRL trainer or a plain loop
+    FastModel.save_pretrained_merged(model, tokenizer, "out", save_method="merged_16bit")
+
+Everything returned is a plain ``transformers.PreTrainedModel`` or ``peft.PeftModel`` patched in place by
+:func:`fastft.patch`; weights are read and written as safetensors only.
+
+``max_seq_length`` is a promise about the data, not a change to the model: nothing is rescaled (RoPE runs as the
+config says, also past ``max_position_embeddings``, with a warning at load). A training forward on a longer
+sequence raises a ``ValueError`` naming both lengths; eval-mode forwards and generation are not limited.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import tempfile
+import types
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import peft
+import torch
+import transformers
+from torch import nn
+
+from fastft.models.checkpointing import normalize_checkpointing_mode, set_checkpointing
+from fastft.models.families import FAMILIES, family_of
+from fastft.models.patch import patch
+
+logger = logging.getLogger("fastft")
+
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SAVE_METHODS = ("merged_16bit", "lora", "merged_4bit")
+# Tokens that exist in some vocabularies only to pad (Llama-3's reserved one, common spellings); preferred
+# over unk and eos because a collator that masks pad ids from the labels would then also mask a real token.
+_PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|PAD_TOKEN|>")
+_PICKLE_SUFFIXES = (".bin", ".bin.index.json", ".pt", ".pth", ".ckpt")
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _model_dtype(root: nn.Module) -> torch.dtype:
+    """The floating dtype the model computes in: that of its input embeddings (never quantised)."""
+    weight = getattr(root.get_input_embeddings(), "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, on_cuda: bool, full_finetuning: bool) -> torch.dtype:
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+            raise ValueError(f"dtype={dtype!r} is not a floating torch dtype; pass torch.bfloat16, 'float16', ...")
+        return resolved
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype, its name, or None (automatic), got {dtype!r}")
+        return dtype
+    if not on_cuda:
+        return torch.float32
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    # fp16 master weights cannot be trained under a GradScaler: full fine-tuning keeps fp32 and autocasts.
+    return torch.float32 if full_finetuning else torch.float16
+
+
+def _device_types(device_map: Any) -> set[str] | None:
+    """The device types a ``device_map`` names, or None when accelerate decides ("auto", "balanced", ...)."""
+    if isinstance(device_map, dict):
+        found = [_device_types(v) for v in device_map.values() if v != "disk"]
+        return None if any(t is None for t in found) else set().union(*found)
+    if isinstance(device_map, int):
+        return {"cuda"}
+    try:
+        return {torch.device(device_map).type}
+    except (RuntimeError, TypeError):
+        return None
+
+
+def _require_bitsandbytes(flag: str, devices: set[str] | None) -> None:
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise ImportError(
+            f"{flag}=True quantises the weights with bitsandbytes, which is not installed: "
+            f"`pip install bitsandbytes`, or load without {flag}"
+        ) from err
+    supported = set(getattr(bitsandbytes, "supported_torch_devices", {"cuda", "cpu"}))
+    if devices is not None and not devices <= supported:
+        raise ValueError(
+            f"{flag}=True: bitsandbytes {bitsandbytes.__version__} cannot run on {sorted(devices - supported)} "
+            f"(it serves {sorted(supported)}); pass a device_map on one of those, or load without {flag}"
+        )
+
+
+def _refuse_pickle(model_name: str) -> None:
+    """A local checkpoint without safetensors weights is refused: loading pickle files can run arbitrary code."""
+    if not os.path.isdir(model_name):
+        return
+    files = os.listdir(model_name)
+    if any(f.endswith((".safetensors", ".safetensors.index.json")) for f in files):
+        return
+    pickles = sorted(f for f in files if f.endswith(_PICKLE_SUFFIXES))
+    if pickles:
+        raise ValueError(
+            f"{model_name!r} holds weights only as pickle files ({', '.join(pickles)}), which can run code when "
+            "loaded; fastft reads safetensors. Convert the checkpoint (load it once and save_pretrained), or pass "
+            "allow_pickle=True if you trust its source"
+        )
+
+
+def _ensure_pad_token(tokenizer: Any) -> None:
+    """Give a tokenizer without a pad token one: a pad token of its vocabulary, else unk, else eos (warned)."""
+    if tokenizer.pad_token is not None:
+        return
+    vocab = tokenizer.get_vocab()
+    choice = next((t for t in _PAD_CANDIDATES if t in vocab), None)
+    if choice is None and tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
+        choice = tokenizer.unk_token
+    if choice is None and tokenizer.eos_token is not None:
+        choice = tokenizer.eos_token
+        logger.warning(
+            "fastft: the tokenizer has no pad token; using eos %r. A collator that masks pad ids from the labels "
+            "also masks eos: set tokenizer.pad_token to another token if the model must learn to stop",
+            choice,
+        )
+    if choice is None:
+        logger.warning("fastft: the tokenizer has no pad, unk or eos token; set tokenizer.pad_token before batching")
+        return
+    tokenizer.pad_token = choice
+
+
+def _check_sequence_length(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: a training forward longer than ``module.max_seq_length`` is an error (see module doc)."""
+    if not module.training:
+        return
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    limit = getattr(module, "max_seq_length", None)
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2 or limit is None or tokens.shape[1] <= limit:
+        return
+    raise ValueError(
+        f"fastft: a training sequence of {tokens.shape[1]} tokens is longer than max_seq_length={limit}. Pass a "
+        f"larger max_seq_length to FastModel.from_pretrained (or set model.max_seq_length), or truncate the data "
+        f"(tokenizer(..., truncation=True), SFTConfig(max_length={limit}))"
+    )
+
+
+def _validate_length(max_seq_length: object) -> None:
+    if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length < 1:
+        raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
+
+
+def _set_max_seq_length(root: nn.Module, max_seq_length: int) -> None:
+    _validate_length(max_seq_length)
+    root.max_seq_length = max_seq_length
+    if not getattr(root, "_fastft_length_hook", False):
+        root.register_forward_pre_hook(_check_sequence_length, with_kwargs=True)
+        root._fastft_length_hook = True
+    config = root.config.get_text_config() if hasattr(root.config, "get_text_config") else root.config
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and max_seq_length > positions:
+        warnings.warn(
+            f"max_seq_length={max_seq_length} exceeds the model's max_position_embeddings={positions}: RoPE runs "
+            "past the trained positions as configured (nothing is rescaled), and quality may drop there",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+# ------------------------------------------------------------------------------------------------ LoRA targets
+
+
+def _module_names(root: nn.Module) -> tuple[set[str], list[str]]:
+    """Last names of the modules LoRA can adapt (linear-like and embeddings), and every full module path."""
+    adaptable = (nn.Linear, nn.Embedding, transformers.pytorch_utils.Conv1D)
+    leaves = {name.rpartition(".")[2] for name, m in root.named_modules() if name and isinstance(m, adaptable)}
+    return leaves, [name for name, _ in root.named_modules()]
+
+
+def _resolve_targets(root: nn.Module, target_modules: Iterable[str]) -> list[str]:
+    """Validate ``target_modules``; map Llama-style names onto fused projections (Phi-3's qkv_proj, gate_up_proj)."""
+    leaves, paths = _module_names(root)
+    fused = {name: parts for family in FAMILIES.values() for name, parts in family.fused_projections.items()}
+    fused.update(family_of(root.config)[1].fused_projections)
+    fused = {name: parts for name, parts in fused.items() if name in leaves}
+    requested = list(target_modules)
+    resolved, unknown = [], []
+    for name in requested:
+        if name in leaves or ("." in name and any(p == name or p.endswith("." + name) for p in paths)):
+            resolved.append(name)
+            continue
+        hosts = [host for host, parts in fused.items() if name in parts]
+        if not hosts:
+            unknown.append(name)
+        for host in hosts:
+            missing = [p for p in fused[host] if p not in requested]
+            if missing and host not in resolved:
+                warnings.warn(
+                    f"target_modules: {name!r} maps onto this model's fused {host!r}, which also computes "
+                    f"{missing}: LoRA there adapts those too",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            resolved.append(host)
+    if unknown:
+        raise ValueError(
+            f"target_modules={requested!r}: {unknown} are not linear or embedding modules of this "
+            f"{type(root).__name__}; valid names are {sorted(leaves)} (or 'all-linear')"
+        )
+    return list(dict.fromkeys(resolved))
+
+
+# ------------------------------------------------------------------------------------------------ merging
+
+
+def _dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight of a base layer as a dense floating tensor (bitsandbytes 4- and 8-bit weights dequantised)."""
+    weight = layer.weight
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        import bitsandbytes.functional as bnbf
+
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes >= 0.49 repacks a CPU weight for AVX512-BF16 at its first no-grad eval forward (nibbles
+            # reordered, absmax transposed and rounded to bf16). Unpack the nibbles on a copy of the state (the
+            # inverse edits the state it is given) but keep the bf16 absmax the layer now computes with: the
+            # inverse would quantise it to 8 bits once more.
+            state = copy.deepcopy(state)
+            state.original_nested = False
+            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
+            state.absmax = state.absmax.T.reshape(-1).float()
+        return bnbf.dequantize_4bit(data, state)
+    if kind == "Int8Params":
+        import bitsandbytes.functional as bnbf
+
+        scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
+        return bnbf.int8_vectorwise_dequant(weight.data, scales)
+    return weight.detach()
+
+
+def _lora_delta(layer: nn.Module, adapter: str, name: str) -> torch.Tensor:
+    """``scaling * B @ A`` in fp32, in the base weight's layout."""
+    linear = adapter in layer.lora_A and isinstance(layer.lora_A[adapter], nn.Linear)
+    lora_bias = linear and (layer.lora_A[adapter].bias is not None or layer.lora_B[adapter].bias is not None)
+    if adapter in getattr(layer, "lora_variant", {}) or lora_bias:
+        raise NotImplementedError(
+            f"{name}: adapter {adapter!r} is a LoRA variant (DoRA, ...) or has a LoRA bias, which fastft does not "
+            "merge; save it with save_method='lora', or merge with PEFT's model.merge_and_unload() and save that"
+        )
+    if not linear:  # embeddings (and convolutions): PEFT's own formula for their layout
+        return layer.get_delta_weight(adapter).float()
+    delta = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()
+    return (delta.T if layer.fan_in_fan_out else delta) * layer.scaling[adapter]
+
+
+def _merged_tensor(module: nn.Module, attr: str, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """What a plain checkpoint holds for ``module.<attr>``: adapters merged, quantised weights dequantised."""
+    if hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
+        active = getattr(module, "active_adapter", None)
+        active = active[0] if isinstance(active, list) and len(active) == 1 else active
+        use_copy = not getattr(module, "disable_adapters", False) and active in module.modules_to_save
+        module = module.modules_to_save[active] if use_copy else module.original_module
+    if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+        if attr != "weight":
+            return _merged_tensor(module.base_layer, attr, dtype, name)
+        weight = _dense_weight(module.base_layer)
+        if module.merged or module.disable_adapters:
+            return weight.to(dtype)
+        embedding_adapters = getattr(module, "lora_embedding_A", {})
+        adapters = [a for a in module.active_adapters if a in module.lora_A or a in embedding_adapters]
+        merged = weight.float()
+        for adapter in adapters:  # every active adapter, as PEFT's own forward adds them all
+            merged = merged + _lora_delta(module, adapter, name).to(merged.device)
+        return merged.to(dtype)
+    if attr == "weight" and type(getattr(module, "weight", None)).__name__ in ("Params4bit", "Int8Params"):
+        return _dense_weight(module).to(dtype)
+    return getattr(module, attr).detach()
+
+
+def _save_merged_16bit(model: nn.Module, path: str) -> None:
+    """Write a plain transformers checkpoint of ``model`` with its adapters merged, leaving ``model`` as it was.
+
+    A weight-less copy of the architecture (meta device) receives the merged tensors; untouched tensors are the
+    live ones (no copy), merged and dequantised ones are new, on the CPU, so host memory holds at most one
+    16-bit copy of the model and the accelerator none.
+    """
+    root = _causal_lm(model)
+    dtype = _model_dtype(root)
+    config = copy.deepcopy(root.config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        config.__dict__.pop(attr, None)
+    config.dtype, config.use_cache = dtype, True
+    with torch.device("meta"):
+        skeleton = type(root)(config)
+    merged = {}
+    for key in skeleton.state_dict():
+        path_to, _, attr = key.rpartition(".")
+        merged[key] = _merged_tensor(root.get_submodule(path_to), attr, dtype, key).to("cpu")
+    skeleton.load_state_dict(merged, strict=True, assign=True)
+    if getattr(root, "generation_config", None) is not None:
+        skeleton.generation_config = copy.deepcopy(root.generation_config)
+    skeleton.save_pretrained(path)
+
+
+def _save_merged_4bit(model: nn.Module, path: str) -> None:
+    """The merged checkpoint, quantised to NF4 the way loading it with ``load_in_4bit=True`` would."""
+    warnings.warn(
+        "save_method='merged_4bit' rounds W + scaling * B @ A to NF4, which loses much of a small LoRA update; "
+        "save_method='merged_16bit' (or 'lora' next to the 4-bit base) keeps it exactly",
+        UserWarning,
+        stacklevel=3,
+    )
+    root = _causal_lm(model)
+    quant = getattr(root.config, "quantization_config", None)
+    if not getattr(quant, "load_in_4bit", False):
+        quant = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_model_dtype(root),
+        )
+    device = root.get_input_embeddings().weight.device
+    with tempfile.TemporaryDirectory(dir=path) as staging:
+        _save_merged_16bit(model, staging)
+        quantised = type(root).from_pretrained(
+            staging, quantization_config=quant, dtype=_model_dtype(root), device_map={"": device}
+        )
+        quantised.save_pretrained(path)
+
+
+def _writable_dir(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ValueError(f"path={path!r} is not a directory fastft can write to ({err}); pass another path") from err
+    return path
+
+
+def _save_pretrained_merged_method(self: nn.Module, save_directory: str, tokenizer: Any = None, **kwargs) -> None:
+    """Unsloth's spelling, ``model.save_pretrained_merged(path, tokenizer, save_method=...)``."""
+    FastModel.save_pretrained_merged(self, tokenizer, save_directory, **kwargs)
+
+
+def _finish(model: nn.Module) -> nn.Module:
+    patch(model)
+    model.save_pretrained_merged = types.MethodType(_save_pretrained_merged_method, model)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+
+class FastModel:
+    """Load, adapt, switch mode and save Hugging Face causal LMs made fast by :func:`fastft.patch`."""
+
+    @staticmethod
+    def from_pretrained(
+        model_name: str | os.PathLike,
+        max_seq_length: int = 2048,
+        dtype: torch.dtype | str | None = None,
+        load_in_4bit: bool = False,
+        load_in_8bit: bool = False,
+        full_finetuning: bool = False,
+        device_map: Any = None,
+        token: str | bool | None = None,
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
+        *,
+        allow_pickle: bool = False,
+        **kwargs: Any,
+    ) -> tuple[nn.Module, Any]:
+        """Load ``model_name`` (hub id or local folder) with ``AutoModelForCausalLM`` and its tokenizer, patched.
+
+        ``dtype=None`` picks bf16 on a CUDA device with bf16, else fp16 there (fp32 with ``full_finetuning``), and
+        fp32 on the CPU. ``device_map=None`` puts the model on the CUDA device of this process (``LOCAL_RANK``)
+        when there is one, else on the CPU. ``load_in_4bit`` is bitsandbytes NF4 with double quantisation,
+        computing in ``dtype``; ``load_in_8bit`` is bitsandbytes int8. Weights are read from safetensors files
+        only; ``allow_pickle=True`` also accepts ``.bin`` checkpoints (they can run code: only from a trusted
+        source). ``full_finetuning=True`` keeps every weight trainable and refuses quantisation; with False
+        nothing is frozen here either (:meth:`get_peft_model` freezes the base). The model gets
+        ``max_seq_length`` (see the module doc for longer sequences); the tokenizer gets ``model_max_length =
+        max_seq_length`` and, if it has none, a pad token: a pad token of its vocabulary, else unk, else eos.
+        Other ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained``. Returns ``(model, tokenizer)``.
+        """
+        _validate_length(max_seq_length)
+        if load_in_4bit and load_in_8bit:
+            raise ValueError("load_in_4bit=True and load_in_8bit=True: choose one quantisation")
+        flag = "load_in_4bit" if load_in_4bit else "load_in_8bit" if load_in_8bit else None
+        if flag and full_finetuning:
+            raise ValueError(
+                f"full_finetuning=True trains every weight, which {flag}=True makes frozen integers; drop one"
+            )
+        if flag and "quantization_config" in kwargs:
+            raise ValueError(f"{flag}=True and quantization_config=...: pass only one of them")
+        if kwargs.get("use_safetensors") is False and not allow_pickle:
+            raise ValueError("use_safetensors=False reads pickle files; pass allow_pickle=True to allow that")
+        kwargs.pop("use_safetensors", None)
+        model_name = os.fspath(model_name)
+        if device_map is None and torch.cuda.is_available():
+            device_map = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+        devices = _device_types(device_map if device_map is not None else "cpu")
+        on_cuda = torch.cuda.is_available() and (devices is None or "cuda" in devices)
+        dtype = _resolve_dtype(dtype, on_cuda, full_finetuning)
+        if flag:
+            _require_bitsandbytes(flag, devices)
+            kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+                load_in_4bit=load_in_4bit,
+                load_in_8bit=load_in_8bit,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            )
+        if not allow_pickle:
+            _refuse_pickle(model_name)
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        shared = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only") if k in kwargs}
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                model_name,
+                dtype=dtype,
+                device_map=device_map,
+                token=token,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True if not allow_pickle else None,
+                **kwargs,
+            )
+        except OSError as err:
+            if allow_pickle or "cannot be loaded with `safetensors`" not in str(err):  # transformers' wording
+                raise
+            raise ValueError(
+                f"{model_name!r} has no safetensors weights and fastft does not read pickle files by default; "
+                "pass allow_pickle=True if you trust its source"
+            ) from err
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            model_name, token=token, trust_remote_code=trust_remote_code, **shared
+        )
+        tokenizer.model_max_length = max_seq_length
+        _ensure_pad_token(tokenizer)
+        for config in (model.config, getattr(model, "generation_config", None)):
+            if config is not None and getattr(config, "pad_token_id", None) is None:
+                config.pad_token_id = tokenizer.pad_token_id
+        _set_max_seq_length(model, max_seq_length)
+        return _finish(model), tokenizer
+
+    @staticmethod
+    def get_peft_model(
+        model: nn.Module,
+        r: int = 16,
+        target_modules: Iterable[str] | str = LLAMA_TARGETS,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        bias: str = "none",
+        use_gradient_checkpointing: bool | str = "unsloth",
+        random_state: int = 3407,
+        use_rslora: bool = False,
+        modules_to_save: list[str] | None = None,
+        init_lora_weights: bool | str = True,
+        loftq_config: Any = None,
+        max_seq_length: int | None = None,
+        **kwargs: Any,
+    ) -> peft.PeftModel:
+        """Wrap ``model`` in LoRA adapters (``peft.get_peft_model`` with a ``CAUSAL_LM`` ``LoraConfig``), patched.
+
+        ``target_modules`` (a list of module names) is checked against the model's linear and embedding modules;
+        names written for Llama map onto fused projections where the model has them (Phi-3: q/k/v_proj ->
+        qkv_proj, gate/up_proj -> gate_up_proj). A string goes to PEFT as it is ("all-linear" or a regex). The
+        adapters' initial values depend only on ``random_state`` (the global RNG is left as it was).
+        ``use_gradient_checkpointing``: False, True, "unsloth" or "offload" (see fastft.models.checkpointing).
+        Quantised bases are not upcast (PEFT's prepare_model_for_kbit_training casts every non-4-bit weight to
+        fp32; fastft's kernels accumulate in fp32 already); PEFT freezes the base and keeps adapters in fp32, and
+        fp16 ``modules_to_save`` copies are made fp32 so a GradScaler can unscale them. ``max_seq_length``
+        replaces the one given at load; other ``kwargs`` are ``LoraConfig`` fields (``use_dora``,
+        ``layers_to_transform``, ...).
+        """
+        if isinstance(model, peft.PeftModel):
+            raise TypeError("get_peft_model: the model already has adapters (it is a PeftModel); pass the base model")
+        if getattr(model, "config", None) is None:
+            raise TypeError(f"get_peft_model expects a transformers PreTrainedModel, got {type(model).__name__}")
+        mode = normalize_checkpointing_mode(use_gradient_checkpointing)
+        fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+        unknown = sorted(set(kwargs) - fields)
+        if unknown:
+            raise TypeError(f"get_peft_model got {unknown}, which are not LoraConfig fields; valid: {sorted(fields)}")
+        targets = target_modules if isinstance(target_modules, str) else _resolve_targets(model, target_modules)
+        if loftq_config:  # Unsloth's notebooks pass loftq_config={} or None to mean "no LoftQ"
+            if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None):
+                raise ValueError("loftq_config quantises a full-precision base itself; load without load_in_4bit")
+            init_lora_weights = "loftq" if init_lora_weights is True else init_lora_weights
+        config = peft.LoraConfig(
+            task_type="CAUSAL_LM",
+            r=r,
+            target_modules=targets,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            bias=bias,
+            use_rslora=use_rslora,
+            modules_to_save=modules_to_save,
+            init_lora_weights=init_lora_weights,
+            loftq_config=loftq_config or {},
+            **kwargs,
+        )
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(random_state)
+            peft_model = peft.get_peft_model(model, config)
+        for param in peft_model.parameters():
+            if param.requires_grad and param.dtype == torch.float16:
+                param.data = param.data.float()
+        set_checkpointing(peft_model, mode)
+        if max_seq_length is not None:
+            _set_max_seq_length(model, max_seq_length)
+        return _finish(peft_model)
+
+    @staticmethod
+    def for_training(model: nn.Module) -> nn.Module:
+        """Training mode: ``model.train()`` and no KV cache kept (``config.use_cache = False``). Returns the model.
+
+        The fused loss (no full logits) is active in training mode with labels; call :meth:`for_inference`
+        before ``generate``.
+        """
+        model.train()
+        _causal_lm(model).config.use_cache = False
+        return model
+
+    @staticmethod
+    def for_inference(model: nn.Module) -> nn.Module:
+        """Inference mode: ``model.eval()`` and the KV cache on (``config.use_cache = True``). Returns the model.
+
+        Forwards return full logits again. For batched generation pad on the left
+        (``tokenizer.padding_side = "left"``); that setting belongs to the tokenizer and is left to the caller.
+        """
+        model.eval()
+        _causal_lm(model).config.use_cache = True
+        return model
+
+    @staticmethod
+    def save_pretrained_merged(
+        model: nn.Module,
+        tokenizer: Any,
+        path: str | os.PathLike,
+        save_method: str = "merged_16bit",
+    ) -> None:
+        """Save ``model`` (and ``tokenizer``, unless None) under ``path`` without changing the live model.
+
+        ``"merged_16bit"``: a plain transformers safetensors checkpoint with ``W + scaling * B @ A`` merged into
+        every LoRA layer (computed in fp32), 4/8-bit bases dequantised, in the model's dtype (bf16/fp16, fp32
+        models stay fp32), with no ``quantization_config``; it needs host memory for one copy of the model.
+        ``"lora"``: the adapters only (PEFT's ``save_pretrained``), loadable with ``PeftModel.from_pretrained``.
+        ``"merged_4bit"``: the merged checkpoint quantised to bitsandbytes NF4 (as loading ``merged_16bit``
+        with ``load_in_4bit=True`` gives); warned, as NF4 rounding loses much of a LoRA update.
+        """
+        if save_method not in SAVE_METHODS:
+            raise ValueError(f"save_method={save_method!r} is not one of {SAVE_METHODS}")
+        if save_method == "lora" and not isinstance(model, peft.PeftModel):
+            raise ValueError(
+                "save_method='lora' needs a model with adapters (FastModel.get_peft_model); use 'merged_16bit'"
+            )
+        path = _writable_dir(path)
+        if save_method == "lora":
+            model.save_pretrained(path)
+        elif save_method == "merged_16bit":
+            _save_merged_16bit(model, path)
+        else:
+            _save_merged_4bit(model, path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
