@@ -52,12 +52,6 @@ def _causal_lm(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def _model_dtype(root: nn.Module) -> torch.dtype:
-    """The floating dtype the model computes in: that of its input embeddings (never quantised)."""
-    weight = getattr(root.get_input_embeddings(), "weight", None)
-    return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
-
-
 # ------------------------------------------------------------------------------------------------ loading
 
 
