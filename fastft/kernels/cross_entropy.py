@@ -274,10 +274,15 @@ def _rows_torch(x, labels, ignore_index, softcap, logit_scale, stats=None, dloss
         z = softcap * torch.tanh(y)
         # 1 - tanh^2 = 1 / cosh^2, without the cancellation of 1 - t*t where |tanh| -> 1 (cosh^2 -> inf: 0).
         dz_dx = (1.0 if dz_dx is None else dz_dx) / torch.cosh(y).square()
+    probs = None  # exp(z - max) / sum, kept from the statistics pass so the gradient needs no second exp
     if stats is None:
         row_max = z.amax(dim=1)
         shift = row_max.masked_fill(row_max == -math.inf, 0.0)  # an all -inf row: no -inf - (-inf)
-        stats = torch.stack([row_max, torch.exp(z - shift[:, None]).sum(dim=1).log()], dim=1)
+        e = torch.sub(z, shift[:, None]).exp_()
+        total = e.sum(dim=1)
+        stats = torch.stack([row_max, total.log()], dim=1)
+        if grad is not None:
+            probs = e.div_(total[:, None])
     row_max, log_sum = stats[:, 0], stats[:, 1]
     live = labels != ignore_index
     in_range = (labels >= 0) & (labels < vocab)
@@ -285,7 +290,7 @@ def _rows_torch(x, labels, ignore_index, softcap, logit_scale, stats=None, dloss
     nan = torch.full((), math.nan, dtype=z.dtype, device=z.device)
     loss = torch.where(in_range, (row_max - z.gather(1, safe).squeeze(1)) + log_sum, nan).masked_fill(~live, 0.0)
     if grad is not None:
-        d = torch.exp((z - row_max[:, None]) - log_sum[:, None])
+        d = probs if probs is not None else torch.exp((z - row_max[:, None]) - log_sum[:, None])
         d.scatter_add_(1, safe, -(live & in_range).to(d.dtype)[:, None])
         if dz_dx is not None:
             d *= dz_dx

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -220,8 +221,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _swiglu_forward_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     compute = _compute_dtype(gate.dtype)
-    g = gate.to(compute)
-    return (g * torch.sigmoid(g) * up.to(compute)).to(gate.dtype)
+    return F.silu(gate.to(compute)).mul_(up.to(compute)).to(gate.dtype)
 
 
 def _swiglu_backward_torch(
@@ -231,11 +231,11 @@ def _swiglu_backward_torch(
     compute = _compute_dtype(gate.dtype)
     g, dy = gate.to(compute), dout.to(compute)
     sig = torch.sigmoid(g)
-    dup = (dy * g * sig).to(up.dtype) if need_dup else None
+    dup = (dy * g).mul_(sig).to(up.dtype) if need_dup else None
     dgate = None
     if need_dgate:
-        dsilu = sig * (1.0 + g * torch.sigmoid(-g))
-        dgate = (dy * up.to(compute) * dsilu).to(gate.dtype)
+        dsilu = torch.sigmoid(-g).mul_(g).add_(1.0).mul_(sig)
+        dgate = (dy * up.to(compute)).mul_(dsilu).to(gate.dtype)
     return dgate, dup
 
 
