@@ -286,3 +286,22 @@ def test_patched_forward_keeps_its_signature():
     names = list(inspect.signature(fast.get_base_model().forward).parameters)
     assert names == list(inspect.signature(plain.get_base_model().forward).parameters)
     assert {"input_ids", "attention_mask", "labels"} <= set(names)
+
+
+@pytest.mark.parametrize("mode", ["standard", "offload"])
+def test_checkpointing_modes_keep_fastft_gradients(mode, spy):
+    """fastft's kernels inside checkpointed layers (recomputed in backward) give plain PEFT's gradients."""
+    from fastft.models.checkpointing import set_checkpointing
+
+    plain, fast = twins("llama")
+    patch(fast)
+    set_checkpointing(fast, mode)
+    inputs = batch()
+    ref, out = plain(**inputs).loss, fast(**inputs).loss
+    ref.backward()
+    out.backward()
+    assert _rel(out, ref) < 1e-5
+    ref_grads, grads = _grads(plain), _grads(fast)
+    for name in ref_grads:
+        assert _rel(grads[name], ref_grads[name]) < 1e-5, name
+    assert spy["lora_mlp"] == 2 * 2, "each layer's fused MLP runs in forward and again in the recompute"
