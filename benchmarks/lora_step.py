@@ -16,8 +16,8 @@ configuration; "not installed" without bitsandbytes):
 
 - ``plain``: transformers + PEFT as users run it; ``standard`` checkpointing is transformers' own
   (``use_reentrant=False``), enabled before ``get_peft_model`` as a training script does;
-- ``liger``: ``apply_liger_kernel_to_llama(rope, rms_norm, swiglu, fused_linear_cross_entropy)`` on the
-  instance, then PEFT ("not installed" without liger_kernel; it needs CUDA);
+- ``liger``: ``apply_liger_kernel_to_llama(model=...)`` with its defaults (rope, rms_norm, swiglu,
+  fused_linear_cross_entropy) on the instance, then PEFT ("not installed" without liger_kernel; it needs CUDA);
 - ``fastft``: PEFT, then ``fastft.models.patch.patch(peft_model)``; ``offload`` is
   ``fastft.models.checkpointing.set_checkpointing(peft_model, "offload")``.
 
@@ -82,12 +82,11 @@ if __name__ == "__main__":
 
 import torch
 
-from benchmarks import harness, shapes
+from fastft.bench import harness, shapes
+from fastft.bench.step import CHECKPOINTING, LORA_TARGETS, ActivationMeter, build_model
 
 CONTENDERS = ("plain", "liger", "fastft")
 QUANTS = ("bf16", "4bit")
-CHECKPOINTING = ("none", "standard", "offload")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_PLAN = {
     "bf16": (
         ("plain", "none"),
@@ -216,99 +215,28 @@ def _llama(cfg: StepConfig, device: torch.device):
         return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
 
 
-def _quantize_4bit(model: torch.nn.Module) -> None:
-    """Replace every decoder projection by a bitsandbytes NF4 ``Linear4bit`` (double quantisation, bf16 compute),
-    quantised from its bf16 weight on the weight's device; ``lm_head`` stays bf16, as transformers leaves it."""
-    import bitsandbytes as bnb
-
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, linear in list(parent.named_children()):
-                if name not in LORA_TARGETS:
-                    continue
-                q = bnb.nn.Linear4bit(
-                    linear.in_features,
-                    linear.out_features,
-                    bias=False,
-                    compute_dtype=torch.bfloat16,
-                    compress_statistics=True,
-                    quant_type="nf4",
-                    device="meta",  # no throw-away fp32 weight
-                )
-                weight = bnb.nn.Params4bit(
-                    linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=q
-                )
-                q.weight = weight._quantize(linear.weight.device)
-                setattr(parent, name, q)  # the bf16 weight is freed here
-    model.is_loaded_in_4bit = True  # what transformers' quantiser sets; PEFT then wraps Linear4bit in its bnb LoRA
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # from_pretrained never holds the bf16 weights on the GPU: neither does this model
-
-
-def _enable_hf_checkpointing(model: torch.nn.Module) -> None:
-    # transformers >= 5.2x names it activation_checkpointing_enable; the older name warns there.
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
 def _build(result: Result, cfg: StepConfig, device: torch.device):
-    """The PEFT model of the configuration, ready to train."""
-    from peft import LoraConfig, get_peft_model
-
+    """The PEFT model of the configuration, ready to train (:func:`fastft.bench.step.build_model` on the random
+    model of ``cfg``; 4-bit: its projections quantised in place by :func:`fastft.bench.step.quantize_4bit`)."""
     if result.contender == "liger":
         if device.type != "cuda":
             raise _Unavailable("Liger Kernel needs CUDA", status="skipped")
-        try:
-            from liger_kernel.transformers import apply_liger_kernel_to_llama
-        except ImportError as e:
-            raise _Unavailable(f"liger_kernel: {e}") from e
-    if result.quant == "4bit":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError as e:
-            raise _Unavailable(f"bitsandbytes: {e}") from e
-    base = _llama(cfg, device)
-    if result.quant == "4bit":
-        _quantize_4bit(base)
-    if result.contender == "liger":
-        apply_liger_kernel_to_llama(
-            rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True, model=base
-        )
-    if result.checkpointing == "standard" and result.contender != "fastft":
-        _enable_hf_checkpointing(base)
-    lora = LoraConfig(
-        r=cfg.rank,
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise _Unavailable("liger_kernel is not installed")
+    if result.quant == "4bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise _Unavailable("bitsandbytes is not installed")
+    model, result.note = build_model(
+        lambda _seed, _dtype: _llama(cfg, device),
+        result.contender,
+        dtype=torch.bfloat16,
+        device=device,
+        load_in_4bit=result.quant == "4bit",
+        checkpointing=result.checkpointing,
+        seed=cfg.seed,
+        rank=cfg.rank,
         lora_alpha=cfg.lora_alpha,
-        lora_dropout=0.0,
-        target_modules=list(LORA_TARGETS),
-        task_type="CAUSAL_LM",
     )
-    model = get_peft_model(base, lora)
-    if result.contender == "fastft":
-        from fastft.models.checkpointing import set_checkpointing
-        from fastft.models.patch import patch
-
-        patch(model)
-        result.note = model.fastft_report.summary()
-        if result.checkpointing != "none":
-            set_checkpointing(model, result.checkpointing)
-    return model.train()
-
-
-def _saved_bytes_meter(model: torch.nn.Module):
-    """A SavedTensorMeter that leaves out parameters an op saves (frozen weights, LoRA A/B: they exist anyway)."""
-    from fastft.utils.memory import SavedTensorMeter
-
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    class _ActivationMeter(SavedTensorMeter):
-        def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-            return tensor if tensor.untyped_storage().data_ptr() in params else super()._pack(tensor)
-
-    return _ActivationMeter()
+    return model
 
 
 def _train(result: Result, model: torch.nn.Module, cfg: StepConfig, device: torch.device, deadline: float) -> None:
@@ -336,7 +264,7 @@ def _train(result: Result, model: torch.nn.Module, cfg: StepConfig, device: torc
 
     for i in range(max(1, cfg.warmup)):  # the first step compiles (Triton) and sizes the optimizer states
         if i == 0 and not cuda:
-            with _saved_bytes_meter(model) as meter:
+            with ActivationMeter.for_model(model) as meter:
                 last = step()
             result.saved_bytes = meter.total_bytes
         else:

@@ -6,12 +6,12 @@ attention; PEFT LoRA r=16 (lora_alpha 16) on all seven projections; one batch of
 ``labels = input_ids``. Four contenders run the same step (``model(input_ids=..., labels=...).loss.backward()``):
 
 - ``plain``: transformers + PEFT as users run it;
-- ``plain+checkpointing``: the same with transformers' own gradient checkpointing (``activation_checkpointing_enable``
-  with its defaults), for context;
+- ``plain+checkpointing``: the same with transformers' own gradient checkpointing (``activation_checkpointing_enable``,
+  non-reentrant), for context;
 - ``fastft``: ``fastft.models.patch.patch(peft_model)``, no checkpointing;
 - ``fastft+offload``: the same plus ``set_checkpointing(peft_model, "offload")``.
 
-What is counted (:func:`measure_memory`), every saved storage once (:class:`fastft.utils.memory.SavedTensorMeter`):
+What is counted (:func:`measure_memory`), every saved storage once (:class:`fastft.bench.step.ActivationMeter`):
 
 - **activations**: the saved storages that stay on the device from forward to backward. Parameters saved by an op
   (a frozen base weight that ``F.linear`` keeps for ``dx``, the LoRA A and B) are not activations: they exist
@@ -24,7 +24,11 @@ What is counted (:func:`measure_memory`), every saved storage once (:class:`fast
 - **B x T x V tensors**: every tensor the step creates (forward and backward, seen by a ``TorchDispatchMode``) or
   saves with at least batch x seq x vocab elements, other than a parameter or a view of one.
 - **peak step bytes**: the most memory the step's own allocations held at once, beyond what existed before it
-  (CUDA: ``max_memory_allocated``; CPU: the allocator events ``torch.profiler`` records with ``profile_memory``).
+  (:class:`fastft.bench.step.PeakBytes`: CUDA ``max_memory_allocated``; CPU the allocator events of
+  ``torch.profiler``).
+
+The models are built by :func:`fastft.bench.step.build_model` (what ``fastft bench`` trains), from one random base
+model built once per configuration.
 
 The step time (:func:`measure_times`) is the median forward + backward of a few steps after a warm-up, the
 contenders taking turns step by step; on a CPU fastft runs its torch path. ``--profile`` adds torch.profiler's top
@@ -46,10 +50,9 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 if __name__ == "__main__":
@@ -63,21 +66,15 @@ if __name__ == "__main__":
         del os.environ["TRITON_INTERPRET"]
 
 import torch
-from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
-from typing_extensions import Self
 
-from benchmarks import harness
+from fastft.bench import harness
+from fastft.bench.step import LORA_TARGETS, ActivationMeter, PeakBytes, build_model, storage_key
 from fastft.kernels import _dispatch
-from fastft.models.checkpointing import set_checkpointing
-from fastft.models.patch import patch
-from fastft.utils.memory import SavedTensorMeter
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -113,7 +110,7 @@ class Contender:
     name: str
     label: str
     fastft: bool
-    checkpointing: str  # "none", "standard" (transformers' own) or "offload" (fastft's)
+    checkpointing: str  # "none", "standard" (transformers' own, non-reentrant) or "offload" (fastft's)
 
 
 CONTENDERS = (
@@ -153,21 +150,20 @@ def _random_llama(config: StepConfig, device: torch.device, seed: int) -> LlamaF
 def build(
     contender: str, config: StepConfig = CONFIG, device: torch.device | None = None, seed: int = 0
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The PEFT model of ``contender`` in training mode (the same random weights for every contender) and its
-    inputs: ``{"input_ids", "labels"}``, random tokens, labels equal to the inputs."""
+    """The PEFT model of ``contender`` in training mode (the same random weights and LoRA initialisation for every
+    contender) and its inputs: ``{"input_ids", "labels"}``, random tokens, labels equal to the inputs."""
     spec = BY_NAME[contender]
     device = device or torch.device("cpu")
-    base = copy.deepcopy(_random_llama(config, device, seed)).train()
-    lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, target_modules=list(LORA_TARGETS))
-    model = get_peft_model(base, lora)
-    if spec.checkpointing == "standard":
-        # What a user of transformers types (the 5.2x name; older releases only have the deprecated one).
-        enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
-        enable()
-    if spec.fastft:
-        patch(model)
-        if spec.checkpointing == "offload":
-            set_checkpointing(model, "offload")
+    model, _ = build_model(
+        lambda _seed, _dtype: copy.deepcopy(_random_llama(config, device, seed)),
+        "fastft" if spec.fastft else "plain",
+        dtype=getattr(torch, config.dtype),
+        device=device,
+        checkpointing=spec.checkpointing,
+        seed=seed,
+        rank=config.rank,
+        lora_alpha=config.lora_alpha,
+    )
     g = torch.Generator().manual_seed(seed + 1)
     input_ids = torch.randint(0, config.vocab, (config.batch, config.seq), generator=g).to(device)
     return model, {"input_ids": input_ids, "labels": input_ids.clone()}
@@ -180,21 +176,6 @@ def _loss(model: nn.Module, inputs: dict) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 # Memory
 # ----------------------------------------------------------------------------------------------------
-
-
-def _key(t: torch.Tensor) -> tuple[str, int]:
-    return str(t.device), t.untyped_storage().data_ptr()
-
-
-@dataclass
-class _KeyedMeter(SavedTensorMeter):
-    """A SavedTensorMeter that also remembers which storage each saved tensor lives in."""
-
-    keys: list[tuple[str, int]] = field(default_factory=list)
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.keys.append(_key(tensor))
-        return super()._pack(tensor)
 
 
 class _LargeTensorWatch(TorchDispatchMode):
@@ -210,7 +191,7 @@ class _LargeTensorWatch(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.numel() >= self.threshold:
-                key = _key(t)
+                key = storage_key(t)
                 if key not in self.ignore and key not in self.found:
                     self.found[key] = f"{_dtype(t.dtype)} {tuple(t.shape)} ({func.__name__})"
         return out
@@ -237,44 +218,6 @@ def _layer_inputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     finally:
         for handle in handles:
             handle.remove()
-
-
-class _PeakBytes:
-    """The most bytes the block's own allocations held at once (CUDA allocator stats, or torch.profiler on a CPU)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.peak = device, 0
-
-    def __enter__(self) -> Self:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._profile = torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-            )
-            self._profile.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
-            return
-        self._profile.__exit__(*exc)
-        if exc[0] is not None:
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            trace = Path(tmp) / "trace.json"
-            self._profile.export_chrome_trace(str(trace))
-            events = json.loads(trace.read_text())["traceEvents"]
-        # Allocator events in time order: +bytes on allocation, -bytes on free; the peak of the running sum.
-        live = 0
-        for event in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"]):
-            if event["args"].get("Device Type", 0) == 0:  # CPU
-                live += event["args"]["Bytes"]
-                self.peak = max(self.peak, live)
 
 
 @dataclass
@@ -304,13 +247,13 @@ def measure_memory(
     device = device or torch.device("cpu")
     spec = BY_NAME[contender]
     model, inputs = build(contender, config, device)
-    params = {_key(t) for t in [*model.parameters(), *model.buffers()]}
+    params = {storage_key(t) for t in [*model.parameters(), *model.buffers()]}
     btv = config.batch * config.seq * config.vocab
     watch = _LargeTensorWatch(btv, params)
-    with _PeakBytes(device) if peak else contextlib.nullcontext() as meter_peak:
-        with _layer_inputs(model) as layer_inputs, watch, _KeyedMeter() as meter:
+    with PeakBytes(device) if peak else contextlib.nullcontext() as meter_peak:
+        with _layer_inputs(model) as layer_inputs, watch, ActivationMeter() as meter:
             loss = _loss(model, inputs)
-        layer_input_keys = {_key(x) for x in layer_inputs}
+        layer_input_keys = {storage_key(x) for x in layer_inputs}
         del layer_inputs  # from here on only the graph holds them (or not), as without this benchmark
         with watch:
             loss.backward()

@@ -67,7 +67,12 @@ def _resolve_dtype(dtype: torch.dtype | str | None, on_cuda: bool, full_finetuni
         return dtype
     if not on_cuda:
         return torch.float32
-    if torch.cuda.is_bf16_supported():
+    # A T4 (sm_75) "supports" bf16 only by emulation: native bf16 only, else fp16.
+    try:
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch without the argument
+        native_bf16 = torch.cuda.is_bf16_supported()
+    if native_bf16:
         return torch.bfloat16
     # fp16 master weights cannot be trained under a GradScaler: full fine-tuning keeps fp32 and autocasts.
     return torch.float32 if full_finetuning else torch.float16

@@ -1,5 +1,6 @@
-"""benchmarks/kernels.py on a CPU: the script mode end to end (small), the bytes models it borrows from the
-kernels' audit cases, and its bookkeeping (a failing contender is recorded, speedups and GB/s)."""
+"""The kernel benchmark (fastft.bench.kernels, started by benchmarks/kernels.py) on a CPU: the script mode end to
+end (small), the bytes models it borrows from the kernels' audit cases, and its bookkeeping (a failing contender is
+recorded, speedups and GB/s)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from benchmarks import kernels as bench
+from fastft.bench import kernels as bench
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -19,11 +21,11 @@ CPU = torch.device("cpu")
 
 def test_every_bench_finds_its_bytes_model():
     # A renamed audit case would silently drop the GB/s column; the bytes model must resolve.
-    for b in bench._benches(CPU):
+    for b in bench.benches(CPU):
         for case in (b.fwd_case, b.bwd_case):
             if case is not None:
-                assert bench.bytes_model(b, case, CPU), f"{b.name}: no audit case {case!r} in {b.module}"
-    names = {b.module for b in bench._benches(CPU)}
+                assert bench.bytes_model(b, case), f"{b.name}: no audit case {case!r} in {b.module}"
+    names = {b.module for b in bench.benches(CPU)}
     assert names == {"rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy"}
 
 
@@ -93,7 +95,7 @@ def test_script_mode_on_cpu(tmp_path):
 def test_accuracy_pass_measures_every_output_and_gradient():
     # Under the test session fastft runs its interpreted kernels here; the pass must name every output and
     # every gradient, give finite errors, and catch a wrong implementation.
-    b = next(x for x in bench._benches(CPU) if x.name == "swiglu")
+    b = next(x for x in bench.benches(CPU) if x.name == "swiglu")
     ours = bench.accuracy(b, bench.implementation(b, "fastft", CPU), CPU)
     theirs = bench.accuracy(b, bench.implementation(b, "pytorch", CPU), CPU)
     assert set(ours) == set(theirs) == {"out", "d gate", "d up"}
@@ -101,3 +103,16 @@ def test_accuracy_pass_measures_every_output_and_gradient():
     assert all(ours[k] <= 2 * theirs[k] + 1e-2 for k in ours)
     wrong = bench.accuracy(b, lambda inputs: torch.sigmoid(inputs["gate"]) * inputs["up"], CPU)
     assert wrong["out"] > 0.1
+
+
+def test_a_token_count_override_shrinks_inputs_and_scales_the_bytes_model():
+    # The GPU suite's dry run benchmarks every kernel at 4 tokens; the bytes model must follow the token count.
+    full, small = bench.benches(CPU), bench.benches(CPU, tokens=4)
+    assert [b.name for b in full] == [b.name for b in small] and all(b.tokens == 4 for b in small)
+    for big, tiny in zip(full, small):
+        if big.fwd_case is not None:
+            expected = bench.bytes_model(big, big.fwd_case) * 4 / big.tokens
+            assert bench.bytes_model(tiny, tiny.fwd_case) == pytest.approx(expected, rel=0.01), tiny.name
+    rms = next(b for b in small if b.name == "rms_norm").build(CPU)
+    head = next(b for b in small if b.module == "fused_linear_cross_entropy").build(CPU)
+    assert rms["x"].shape[0] == 4 and head["hidden"].shape[0] == 4 and head["labels"].shape == (4,)

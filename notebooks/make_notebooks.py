@@ -1,0 +1,426 @@
+"""Write ``notebooks/quickstart.ipynb`` and ``notebooks/qlora.ipynb`` from the cell sources below.
+
+The notebooks are generated so that a review reads Python, not JSON: edit the cells here, then run
+``python notebooks/make_notebooks.py`` and commit both files. They are written without outputs and with fixed cell
+ids, so regenerating an unchanged source gives byte-identical files; ``--check`` only reports whether the committed
+notebooks are up to date (the notebook tests run it).
+
+Both notebooks share one flow and differ in the base model's precision: ``quickstart`` trains LoRA adapters on a
+16-bit (on a CPU: fp32) base, ``qlora`` on a bitsandbytes NF4 base. Each starts with an install cell that does
+something only on Colab and a ``parameters`` cell whose default is fastft's embedded tiny Llama (random weights, its
+own tokenizer and instruction data, shipped in the package: no download, seconds on a CPU, what CI runs) and, on
+Colab, a real hub model. Cell sources are ``string.Template`` text: ``${name}`` is filled per notebook (Python code
+has no ``$``, so its braces stay as they are).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from string import Template
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+# What the Colab cell installs. fastft is not on PyPI yet: this is its source repository.
+FASTFT_PIP_SPEC = "fastft @ git+https://github.com/fastft/fastft"
+
+VARIANTS = {
+    "quickstart": {
+        "title": "fastft quickstart: LoRA fine-tuning, save, merge, generate",
+        "what": "LoRA adapters on a 16-bit base model (fp32 on a CPU)",
+        "colab_model": "unsloth/Llama-3.2-1B-Instruct",
+        "load_in_4bit": "False",
+        "qlora_paragraph": "",
+        "dequantised": "",
+        "reload_without": "fastft or PEFT",
+    },
+    "qlora": {
+        "title": "fastft QLoRA: LoRA on a 4-bit base, then a 16-bit merged model",
+        "what": "QLoRA adapters (LoRA on a bitsandbytes NF4, 4-bit, base model)",
+        "colab_model": "unsloth/Llama-3.2-3B-Instruct",
+        "load_in_4bit": "True",
+        "qlora_paragraph": (
+            "\n\nQLoRA keeps the frozen base weights in 4 bits (bitsandbytes NF4 with double quantisation: about 0.52 "
+            "bytes per weight instead of 2), trains fp32 LoRA adapters on top, and fastft dequantises each weight "
+            "inside its fused LoRA kernels, once in forward and once in backward. The merged model is written in 16 "
+            "bits: the NF4 weights are dequantised and the adapters added, so it loads without bitsandbytes."
+        ),
+        "dequantised": " (the NF4 weights dequantised first)",
+        "reload_without": "fastft, PEFT or bitsandbytes",
+    },
+}
+
+INTRO = """
+# ${title}
+
+This notebook trains ${what} with `fastft.FastModel`, then saves the adapters and a merged model, reloads the merged
+model with plain `transformers` and checks that it generates what the trained model generates.${qlora_paragraph}
+
+**Run it as it is** on a CPU (a minute or two): the default model is fastft's embedded tiny Llama, random weights
+with its own tokenizer and instruction data, shipped inside the package. CI runs this notebook top to bottom that
+way. **On Colab** (Runtime > Change runtime type > T4 GPU) the parameters cell picks `${colab_model}` instead; any
+Llama, Mistral, Qwen, Gemma or Phi-3 checkpoint on the hub works the same way.
+"""
+
+INSTALL = """
+# Colab: install fastft and what it needs. Elsewhere (a local Jupyter, CI) fastft is installed already and this
+# cell does nothing.
+import sys
+
+IN_COLAB = "google.colab" in sys.modules
+if IN_COLAB:
+    %pip install -q "${pip_spec}"
+"""
+
+PARAMETERS_MD = """
+## Parameters
+
+`MODEL_NAME = "embedded"` is the tiny model CI runs; a hub id (or a local folder) trains a real model. The embedded
+model starts from random weights, so it gets a larger learning rate and short sequences.
+"""
+
+PARAMETERS = """
+MODEL_NAME = "${colab_model}" if IN_COLAB else "embedded"
+EMBEDDED = MODEL_NAME == "embedded"
+LOAD_IN_4BIT = ${load_in_4bit}  # bitsandbytes NF4 base weights (QLoRA); it runs on a CPU too
+MAX_SEQ_LENGTH = 96 if EMBEDDED else 256  # tokens per training row (prompt + response), padded to this length
+BATCH_SIZE = 4 if EMBEDDED else 2
+STEPS = 30 if EMBEDDED else 60
+LEARNING_RATE = 2e-3 if EMBEDDED else 2e-4
+LORA_RANK = 16
+USE_TRL = False  # train with TRL's SFTTrainer instead of the plain PyTorch loop (see below)
+OUTPUT_DIR = "outputs"
+"""
+
+LOAD_MD = """
+## Load the model
+
+`FastModel.from_pretrained` takes a hub id or a checkpoint folder and the argument names of Unsloth's
+`FastLanguageModel`, and returns a plain `transformers` model patched in place by fastft's kernels. The embedded
+model is first written as a checkpoint folder, so it is loaded exactly like a hub model.
+"""
+
+LOAD = """
+import os
+
+import torch
+
+from fastft import FastModel
+
+os.makedirs(OUTPUT_DIR, exist_ok=True)
+if EMBEDDED:
+    from fastft.bench.assets import default_model, default_tokenizer
+
+    MODEL_PATH = os.path.join(OUTPUT_DIR, "embedded-base")
+    default_model(seed=0).save_pretrained(MODEL_PATH)
+    default_tokenizer().save_pretrained(MODEL_PATH)
+else:
+    MODEL_PATH = MODEL_NAME
+
+model, tokenizer = FastModel.from_pretrained(MODEL_PATH, max_seq_length=MAX_SEQ_LENGTH, load_in_4bit=LOAD_IN_4BIT)
+weights_mib = model.get_memory_footprint() / 2**20
+print(f"{type(model).__name__} on {model.device}, {model.dtype}: {weights_mib:.1f} MiB of weights")
+if LOAD_IN_4BIT:
+    nf4 = [name for name, module in model.named_modules() if type(module).__name__ == "Linear4bit"]
+    print(f"{len(nf4)} projections hold NF4 weights, e.g. {nf4[0]}")
+"""
+
+PEFT_MD = """
+## Add LoRA adapters
+
+Rank-16 adapters on all seven projections of every layer; the base stays frozen.
+`use_gradient_checkpointing="unsloth"` (in fastft the same as `"offload"`) recomputes each decoder layer in backward
+and keeps only its input, moved to host memory, which is what lets long sequences fit; `True` keeps those inputs on
+the GPU, `False` keeps every activation.
+"""
+
+PEFT = """
+model = FastModel.get_peft_model(
+    model,
+    r=LORA_RANK,
+    lora_alpha=LORA_RANK,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    use_gradient_checkpointing="unsloth",
+    random_state=3407,
+)
+model.print_trainable_parameters()
+"""
+
+DATA_MD = """
+## Data
+
+The instruction examples shipped with fastft (`{"prompt": ..., "response": ...}`), formatted with the tokenizer's
+chat template into fixed batches: `labels` are the input ids with the prompt tokens set to -100, so only the
+response is learned. For your own data, build the same list of dicts from any dataset.
+"""
+
+DATA = """
+from fastft.bench.assets import default_examples
+from fastft.bench.data import make_batches
+
+examples = default_examples()
+batches = make_batches(tokenizer, examples, seq_len=MAX_SEQ_LENGTH, batch_size=BATCH_SIZE, steps=STEPS, seed=0)
+print(f"{len(examples)} examples, {len(batches)} batches of {tuple(batches[0]['input_ids'].shape)}")
+print(examples[0])
+"""
+
+LOOP_MD = """
+## Train: a plain PyTorch loop
+
+`FastModel.for_training` switches to training mode, where the loss is fused with the output layer and the
+`batch x sequence x vocabulary` logits are never built. On a GPU the loop autocasts to the model's 16-bit dtype
+(with a gradient scaler for fp16), as `transformers.Trainer` does.
+"""
+
+LOOP = """
+import time
+
+losses = []
+if not USE_TRL:
+    FastModel.for_training(model)
+    compute_dtype = model.get_input_embeddings().weight.dtype  # fp32 on a CPU, bf16/fp16 on a GPU
+    autocast = torch.autocast(model.device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    scaler = torch.amp.GradScaler(model.device.type, enabled=compute_dtype == torch.float16)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=0.0)
+    start = time.perf_counter()
+    for step, batch in enumerate(batches):
+        batch = {k: t.to(model.device) for k, t in batch.items()}
+        with autocast:
+            loss = model(**batch).loss
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 5 == 0 or step == len(batches) - 1:
+            print(f"step {step:3d}  loss {losses[-1]:.4f}")
+    print(f"{len(batches)} steps in {time.perf_counter() - start:.1f} s")
+"""
+
+TRL_MD = """
+## Or train with TRL's `SFTTrainer`
+
+The same training through TRL, for those who already have a TRL script: set `USE_TRL = True` in the parameters
+cell (it needs `trl` and `datasets`, which come with fastft). It is off by default so that the notebook itself needs
+only PyTorch, `transformers` and PEFT, and CI runs the loop above. The model goes in as it is: it already has its
+adapters, and fastft already checkpoints, so TRL's own gradient checkpointing stays off.
+"""
+
+TRL = """
+if USE_TRL:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": e["prompt"]}],
+                "completion": [{"role": "assistant", "content": e["response"]}],
+            }
+            for e in examples
+        ]
+    )
+    compute_dtype = model.get_input_embeddings().weight.dtype
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=dataset,
+        args=SFTConfig(
+            output_dir=os.path.join(OUTPUT_DIR, "trl"),
+            max_steps=STEPS,
+            per_device_train_batch_size=BATCH_SIZE,
+            learning_rate=LEARNING_RATE,
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            max_length=MAX_SEQ_LENGTH,
+            completion_only_loss=True,  # like the labels above: the prompt is not learned
+            gradient_checkpointing=False,  # fastft's "unsloth" checkpointing is already on
+            bf16=compute_dtype == torch.bfloat16,
+            fp16=compute_dtype == torch.float16,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=0,
+        ),
+    )
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
+"""
+
+GENERATE_MD = """
+## Generate
+
+`FastModel.for_inference` switches to evaluation mode with the KV cache on; forwards return logits again. The
+embedded model has seen 30 small batches from random weights: expect its most frequent tokens (spaces, a period)
+repeated, not an answer. A real model answers the question, in the style of the training responses.
+"""
+
+GENERATE = """
+FastModel.for_inference(model)
+messages = [{"role": "user", "content": examples[0]["prompt"]}]
+prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+prompt = prompt.to(model.device)
+prompt_length = prompt["input_ids"].shape[1]
+with torch.no_grad():
+    generated = model.generate(**prompt, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+print(messages[0]["content"])
+print("->", tokenizer.decode(generated[0, prompt_length:], skip_special_tokens=True))
+"""
+
+SAVE_MD = """
+## Save the adapters and a merged model
+
+`save_method="lora"` writes only the adapters (a few MB; `peft.PeftModel.from_pretrained(base, folder)` loads them
+onto the base). `"merged_16bit"` writes a plain `transformers` checkpoint with `W + scaling * B @ A` in every adapted
+layer${dequantised}, in the model's dtype; the live model is left as it was and could keep training.
+"""
+
+SAVE = """
+ADAPTER_DIR = os.path.join(OUTPUT_DIR, "lora-adapter")
+MERGED_DIR = os.path.join(OUTPUT_DIR, "merged-16bit")
+model.save_pretrained_merged(ADAPTER_DIR, tokenizer, save_method="lora")
+model.save_pretrained_merged(MERGED_DIR, tokenizer, save_method="merged_16bit")
+
+
+def folder_mib(folder):
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 2**20
+
+
+for folder in (ADAPTER_DIR, MERGED_DIR):
+    print(f"{folder}: {folder_mib(folder):.1f} MiB", sorted(os.listdir(folder)))
+"""
+
+RELOAD_MD = """
+## Reload the merged model with plain `transformers`
+
+No ${reload_without} here: the merged checkpoint is an ordinary model. Teacher-forced on the tokens generated
+above, its logits match the trained model's to float rounding (fp32: about 1e-6; 16-bit: the merged weight is
+rounded once more, so differences of about 1e-2 and, now and then, a different token late in a long greedy
+generation).
+"""
+
+RELOAD = """
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+merged = AutoModelForCausalLM.from_pretrained(MERGED_DIR, dtype="auto", device_map={"": model.device}).eval()
+merged_tokenizer = AutoTokenizer.from_pretrained(MERGED_DIR)
+with torch.no_grad():
+    merged_generated = merged.generate(
+        **prompt, max_new_tokens=32, do_sample=False, pad_token_id=merged_tokenizer.pad_token_id
+    )
+    trained_logits = model(input_ids=generated).logits.float()
+    merged_logits = merged(input_ids=generated).logits.float()
+max_logit_diff = (trained_logits - merged_logits).abs().max().item()
+same_tokens = torch.equal(generated, merged_generated)
+print("merged ->", merged_tokenizer.decode(merged_generated[0, prompt_length:], skip_special_tokens=True))
+print(f"largest logit difference {max_logit_diff:.2e}; same greedy tokens: {same_tokens}")
+"""
+
+SUMMARY_MD = """
+## Summary
+
+One JSON line with the numbers of this run (CI reads it to check that the loss went down and that the merged model
+matches the trained one).
+"""
+
+SUMMARY = """
+import json
+
+summary = {
+    "model": MODEL_NAME,
+    "load_in_4bit": LOAD_IN_4BIT,
+    "dtype": str(model.dtype),
+    "losses": losses,
+    "max_logit_diff": max_logit_diff,
+    "same_tokens": same_tokens,
+}
+print(json.dumps(summary))
+"""
+
+# (kind, source) in notebook order; "parameters" is the code cell tagged for papermill-style parameter injection.
+CELLS = [
+    ("markdown", INTRO),
+    ("code", INSTALL),
+    ("markdown", PARAMETERS_MD),
+    ("parameters", PARAMETERS),
+    ("markdown", LOAD_MD),
+    ("code", LOAD),
+    ("markdown", PEFT_MD),
+    ("code", PEFT),
+    ("markdown", DATA_MD),
+    ("code", DATA),
+    ("markdown", LOOP_MD),
+    ("code", LOOP),
+    ("markdown", TRL_MD),
+    ("code", TRL),
+    ("markdown", GENERATE_MD),
+    ("code", GENERATE),
+    ("markdown", SAVE_MD),
+    ("code", SAVE),
+    ("markdown", RELOAD_MD),
+    ("code", RELOAD),
+    ("markdown", SUMMARY_MD),
+    ("code", SUMMARY),
+]
+
+
+def build(name: str) -> nbformat.NotebookNode:
+    """The notebook ``name`` ("quickstart" or "qlora"), without outputs, validated against the nbformat schema."""
+    if name not in VARIANTS:
+        raise ValueError(f"name={name!r} is not one of {sorted(VARIANTS)}")
+    values = {**VARIANTS[name], "pip_spec": FASTFT_PIP_SPEC}
+    cells = []
+    for index, (kind, template) in enumerate(CELLS):
+        source = Template(template.strip("\n")).substitute(values)
+        if kind == "markdown":
+            cell = new_markdown_cell(source)
+        else:
+            cell = new_code_cell(source, metadata={"tags": ["parameters"]} if kind == "parameters" else {})
+        cell.id = f"{name}-{index:02d}"  # fixed ids: regenerating gives the same file
+        cells.append(cell)
+    notebook = new_notebook(
+        cells=cells,
+        metadata={
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+            "language_info": {"name": "python"},
+            "accelerator": "GPU",  # Colab opens it on a GPU runtime
+            "colab": {"provenance": [], "gpuType": "T4"},
+        },
+    )
+    nbformat.validate(notebook)
+    return notebook
+
+
+def render(name: str) -> str:
+    """The text of ``notebooks/<name>.ipynb`` as this script writes it."""
+    return nbformat.writes(build(name)) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write both notebooks next to this script, or with ``--check`` report the ones that differ; 1 if any."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a notebook is out of date")
+    args = parser.parse_args(argv)
+    stale = []
+    for name in VARIANTS:
+        path = HERE / f"{name}.ipynb"
+        text = render(name)
+        if args.check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(path.name)
+        else:
+            path.write_text(text)
+            print(f"wrote {path}")
+    if stale:
+        print(f"out of date: {', '.join(stale)}; run `python notebooks/make_notebooks.py`", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
