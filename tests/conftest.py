@@ -66,3 +66,15 @@ def _interpreter_rounds_bf16_like_gpus():
     interpreter._convert_float = convert
     yield
     interpreter._convert_float = original
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny-model tests: matmuls this small gain nothing from a second
+    thread, and on a busy 2-core runner its OpenMP spin-waits cost 10-100x. No checked number depends on it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

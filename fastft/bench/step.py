@@ -25,8 +25,8 @@ What one run measures (:class:`TrainingRun`, :func:`train`), every step being fo
 - **peak memory**: on CUDA ``torch.cuda.max_memory_allocated`` over all steps (weights, optimizer states,
   activations: what must fit); on a CPU the saved-for-backward bytes stand in for it.
 
-This module also holds what ``benchmarks/lora_step.py`` and ``benchmarks/memory.py`` share with the command:
-:class:`ActivationMeter`, :class:`PeakBytes`, :func:`quantize_4bit`, :func:`enable_hf_checkpointing`.
+This module also holds what the GPU suite (:mod:`fastft.bench.gpu`) and ``benchmarks/memory.py`` share with the command:
+:class:`ActivationMeter`, :class:`PeakBytes`, :func:`quantize_4bit`.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from typing_extensions import Self
 
+from fastft.bench.harness import synchronize
 from fastft.utils.memory import SavedTensorMeter
 
 CONTENDERS = ("plain", "fastft", "liger")
@@ -271,11 +272,6 @@ def build_model(
         if mode != "none":
             set_checkpointing(model, mode)
     return model.train(), note
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass

@@ -34,7 +34,7 @@ from torch import nn
 
 from fastft.models.checkpointing import normalize_checkpointing_mode, set_checkpointing
 from fastft.models.families import FAMILIES, family_of
-from fastft.models.patch import patch
+from fastft.models.patch import causal_lm, patch
 from fastft.models.saving import save_merged_4bit, save_merged_16bit
 
 logger = logging.getLogger("fastft")
@@ -45,11 +45,6 @@ SAVE_METHODS = ("merged_16bit", "lora", "merged_4bit")
 # over unk and eos because a collator that masks pad ids from the labels would then also mask a real token.
 _PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|PAD_TOKEN|>")
 _PICKLE_SUFFIXES = (".bin", ".bin.index.json", ".pt", ".pth", ".ckpt")
-
-
-def _causal_lm(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -421,7 +416,7 @@ class FastModel:
         before ``generate``.
         """
         model.train()
-        _causal_lm(model).config.use_cache = False
+        causal_lm(model).config.use_cache = False
         return model
 
     @staticmethod
@@ -432,7 +427,7 @@ class FastModel:
         (``tokenizer.padding_side = "left"``); that setting belongs to the tokenizer and is left to the caller.
         """
         model.eval()
-        _causal_lm(model).config.use_cache = True
+        causal_lm(model).config.use_cache = True
         return model
 
     @staticmethod

@@ -52,13 +52,13 @@ class PatchReport:
         return f"{done}; left unpatched: {left}"
 
 
-def _causal_lm(model: nn.Module) -> nn.Module:
+def causal_lm(model: nn.Module) -> nn.Module:
     """The transformers model inside a PEFT wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
+def model_dtype(model: nn.Module) -> torch.dtype:
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(embeddings, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
@@ -85,7 +85,7 @@ def patch(model: nn.Module, *, fused_loss: bool = True) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastft.patch expects a torch.nn.Module (a transformers or PEFT model), got {type(model)!r}")
-    root = _causal_lm(model)
+    root = causal_lm(model)
     config = getattr(root, "config", None)
     if config is None:
         raise TypeError(
@@ -94,7 +94,7 @@ def patch(model: nn.Module, *, fused_loss: bool = True) -> nn.Module:
         )
     model_type, family = family_of(config)
     report = PatchReport(model_type)
-    dtype, device = _model_dtype(root), _model_device(root)
+    dtype, device = model_dtype(root), _model_device(root)
     norm_offsets: dict[type, float | None] = {}
     mlp_layouts: dict[type, object] = {}
     rope_ok: dict[type, bool] = {}

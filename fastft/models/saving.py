@@ -12,16 +12,7 @@ import torch
 import transformers
 from torch import nn
 
-
-def _causal_lm(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def _model_dtype(root: nn.Module) -> torch.dtype:
-    """The floating dtype the model computes in: that of its input embeddings (never quantised)."""
-    weight = getattr(root.get_input_embeddings(), "weight", None)
-    return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+from fastft.models.patch import causal_lm, model_dtype
 
 
 def _dense_weight(layer: nn.Module) -> torch.Tensor:
@@ -96,8 +87,8 @@ def save_merged_16bit(model: nn.Module, path: str) -> None:
     live ones (no copy), merged and dequantised ones are new, on the CPU, so host memory holds at most one
     16-bit copy of the model and the accelerator none.
     """
-    root = _causal_lm(model)
-    dtype = _model_dtype(root)
+    root = causal_lm(model)
+    dtype = model_dtype(root)
     config = copy.deepcopy(root.config)
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         config.__dict__.pop(attr, None)
@@ -122,19 +113,19 @@ def save_merged_4bit(model: nn.Module, path: str) -> None:
         UserWarning,
         stacklevel=3,
     )
-    root = _causal_lm(model)
+    root = causal_lm(model)
     quant = getattr(root.config, "quantization_config", None)
     if not getattr(quant, "load_in_4bit", False):
         quant = transformers.BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=_model_dtype(root),
+            bnb_4bit_compute_dtype=model_dtype(root),
         )
     device = root.get_input_embeddings().weight.device
     with tempfile.TemporaryDirectory(dir=path) as staging:
         save_merged_16bit(model, staging)
         quantised = type(root).from_pretrained(
-            staging, quantization_config=quant, dtype=_model_dtype(root), device_map={"": device}
+            staging, quantization_config=quant, dtype=model_dtype(root), device_map={"": device}
         )
         quantised.save_pretrained(path)

@@ -160,17 +160,7 @@ def test_default_model_dtype():
         assets.default_model(0, torch.int8)
 
 
-@pytest.fixture
-def one_thread():
-    # About 0.45 s a step on one thread. Two OpenMP threads on 2 cores that other work shares (other test files,
-    # other processes) spin-wait for each other and run 5-8x slower than one; on 2 free cores they are ~1.8x faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_lora_training_on_the_default_lowers_the_loss(one_thread):
+def test_lora_training_on_the_default_lowers_the_loss(one_torch_thread):
     # What `fastft bench` shows: plain transformers + PEFT, LoRA r=16 on all seven projections, AdamW lr 1e-3,
     # 20 steps of 4 x 128 tokens. The random model starts at ln(2048) = 7.6; the templated data's token
     # frequencies and patterns bring it below 6 within 20 steps (measured: 7.63, then 5.74 over the last five).

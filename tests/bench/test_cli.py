@@ -24,14 +24,7 @@ from fastft.bench import report as reporting
 ROOT = Path(__file__).resolve().parents[2]
 CAP_GB = 0.1  # the default model is 34 MB of weights; a step of 2 x 256 tokens needs ~90-125 MB (plain more)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The in-process runs train tiny models: a second OpenMP thread only adds spin-waiting (see _clean_env).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _clean_env() -> dict[str, str]:

@@ -19,17 +19,10 @@ from fastft.bench.presets import PRESETS, preset_config
 from fastft.kernels._dispatch import force_backend
 
 CPU = torch.device("cpu")
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers 5.2x renames checkpointing APIs
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: two OpenMP threads only add spin-waiting, which costs 10x on a 2-core machine shared with other
-    # work. The numbers these tests check do not depend on the thread count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),  # transformers 5.2x renames checkpointing APIs
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 def _tiny(**overrides) -> LlamaConfig:

@@ -26,16 +26,10 @@ MODES = ("none", "standard", "offload")
 BATCH, SEQ, HIDDEN, LAYERS, VOCAB = 2, 16, 64, 2, 128
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # transformers 5.24 deprecates the gradient_checkpointing_* names that Trainer, TRL, PEFT and users still call.
-pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.* is deprecated:FutureWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Matmuls this small gain nothing from a second thread; on a busy 2-core runner its waits cost 10-100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.* is deprecated:FutureWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 def _tiny_llama(**overrides) -> LlamaForCausalLM:

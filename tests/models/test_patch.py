@@ -30,6 +30,14 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _assert_same_grads(fast: torch.nn.Module, plain: torch.nn.Module) -> None:
+    """Every trainable parameter's gradient within 1e-5 (norm-wise) of plain's, after both ran backward."""
+    ref_grads, grads = _grads(plain), _grads(fast)
+    assert ref_grads.keys() == grads.keys() and len(grads) > 0
+    for name in ref_grads:
+        assert _rel(grads[name], ref_grads[name]) < 1e-5, name
+
+
 @pytest.fixture
 def spy(monkeypatch):
     """Count the calls fastft's patched modules make into the kernels (proves the fast path really ran)."""
@@ -56,10 +64,7 @@ def test_lora_matches_peft_fp32(family, spy):
     assert _rel(out.loss, ref.loss) < 1e-5
     ref.loss.backward()
     out.loss.backward()
-    ref_grads, grads = _grads(plain), _grads(fast)
-    assert ref_grads.keys() == grads.keys() and len(grads) > 0
-    for name in ref_grads:
-        assert _rel(grads[name], ref_grads[name]) < 1e-5, name
+    _assert_same_grads(fast, plain)
     n_layers = 2
     assert spy["rms_norm"] >= 2 * n_layers + 1
     assert spy["rope"] == n_layers and spy["lora_mlp"] == n_layers and spy["fused_linear_cross_entropy"] == 1
@@ -187,9 +192,7 @@ def test_dora_falls_back_correctly():
     ref.backward()
     out.backward()
     assert _rel(out, ref) < 1e-5
-    ref_grads, grads = _grads(plain), _grads(fast)
-    for name in ref_grads:
-        assert _rel(grads[name], ref_grads[name]) < 1e-5, name
+    _assert_same_grads(fast, plain)
 
 
 def test_num_items_in_batch_matches_transformers():
@@ -249,9 +252,7 @@ def test_checkpointing_calls_of_trainers_still_work():
     ref, out = plain(**inputs).loss, fast(**inputs).loss
     ref.backward()
     out.backward()
-    ref_grads, grads = _grads(plain), _grads(fast)
-    for name in ref_grads:
-        assert _rel(grads[name], ref_grads[name]) < 1e-5, name
+    _assert_same_grads(fast, plain)
     fast.gradient_checkpointing_disable()
     assert _rel(fast(**inputs).loss, ref) < 1e-5
 
@@ -301,7 +302,5 @@ def test_checkpointing_modes_keep_fastft_gradients(mode, spy):
     ref.backward()
     out.backward()
     assert _rel(out, ref) < 1e-5
-    ref_grads, grads = _grads(plain), _grads(fast)
-    for name in ref_grads:
-        assert _rel(grads[name], ref_grads[name]) < 1e-5, name
+    _assert_same_grads(fast, plain)
     assert spy["lora_mlp"] == 2 * 2, "each layer's fused MLP runs in forward and again in the recompute"
