@@ -226,6 +226,19 @@ class FastCausalLM:
 
     fastft_return_logits: bool = False
 
+    def get_output_embeddings(self):
+        """The model's output head, as transformers returns it; its weight is tagged as a fastft head.
+
+        The tag (``weight._fastft_head``) is how TRL's chunked log-prob call, which only sees the weight, is
+        routed to fastft's kernel for this model and no other (:mod:`fastft.rl.trl_integration`). Tagging here
+        rather than once at patch time keeps it true after ``resize_token_embeddings`` or ``copy.deepcopy``.
+        """
+        head = super().get_output_embeddings()
+        linear = head_linear(head) if head is not None else None
+        if linear is not None:
+            linear.weight._fastft_head = True
+        return head
+
     def forward(self, *args, **kwargs):
         labels = kwargs.get("labels")
         head = self.get_output_embeddings()

@@ -160,6 +160,13 @@ def patch(model: nn.Module, *, fused_loss: bool = True) -> nn.Module:
         report.skipped["loss"] = f"logit transform of {model_type!r} not in fastft's family table"
     if isinstance(root, layers.FastCausalLM) and not report.fused_loss:
         root.fastft_return_logits = True
+    if report.fused_loss:
+        # TRL's trainers score tokens through their own chunked head: route it to fastft's for this model
+        # (and a reference model TRL reloads from the same path). Lazy: the trainer glue sits above this layer.
+        from fastft.rl import trl_integration
+
+        trl_integration.remember_source(root, fused_loss)
+        trl_integration.install()
 
     if report.norms + report.mlps + report.attentions == 0:
         logger.warning("fastft: %s has no block fastft recognises; it runs unpatched (correct, not faster)", model_type)

@@ -1,0 +1,110 @@
+"""Per-token log-probs of a causal LM from its hidden states, through fastft's log-prob head.
+
+The building block of fastft's own trainers (PPO, ORPO, CPO) and of the TRL integration: run the model's
+backbone (the decoder stack, with whatever fastft patched into it, LoRA adapters included), then score the
+next tokens with :func:`fastft.kernels.logprob_head.linear_log_probs` on the output head's weight, so no
+batch x seq x vocab logits tensor is ever created.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastft.kernels.logprob_head import LogProbs, linear_log_probs
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model inside PEFT (or accelerate/DDP) wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, accelerate
+        model = model.module
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def head_transform(config: object) -> tuple[float | None, float | None]:
+    """(softcap, logit_scale) of the model's logits, read from its config as TRL's fused head reads them.
+
+    Gemma 2/3: ``final_logit_softcapping``; Cohere: ``logit_scale``; Granite/MiniCPM3: ``1 / logits_scaling``;
+    Falcon-H1: ``lm_head_multiplier``. None where the config has none (no transform).
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = getattr(text, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text, "lm_head_multiplier", None)
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scale = text.logits_scaling if getattr(text, "model_type", "") == "hyperclovax" else 1 / text.logits_scaling
+    return (None if softcap is None else float(softcap)), (None if scale is None else float(scale))
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack of a causal LM (``model.model`` for Llama), which returns ``last_hidden_state``."""
+    lm = _causal_lm(model)
+    inner = getattr(lm, getattr(lm, "base_model_prefix", "model"), None)
+    if not isinstance(inner, nn.Module) or inner is lm:
+        raise TypeError(
+            f"fastft.rl: {type(lm).__name__} has no decoder stack under `{getattr(lm, 'base_model_prefix', None)}`; "
+            "pass a transformers *ForCausalLM model (or a PEFT model around one)"
+        )
+    return inner
+
+
+def backbone_hidden_states(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+) -> torch.Tensor:
+    """(batch, seq, hidden) last hidden states of the model's backbone (no head, no logits)."""
+    kwargs.setdefault("use_cache", False)
+    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def head_log_probs(
+    model: nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    stats: bool = False,
+) -> LogProbs:
+    """Log-probs of ``labels`` (already aligned with ``hidden``; -100 = skip) under the model's output head."""
+    lm = _causal_lm(model)
+    head = lm.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    softcap, logit_scale = head_transform(lm.config)
+    return linear_log_probs(
+        hidden.to(weight.device),
+        weight,
+        labels.to(weight.device),
+        bias,
+        temperature=temperature,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        entropy=entropy,
+        stats=stats,
+    )
+
+
+def causal_log_probs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    stats: bool = False,
+    **model_kwargs,
+) -> LogProbs:
+    """Next-token log-probs of a causal LM: entry ``[b, t]`` scores ``labels[b, t + 1]`` given the prefix.
+
+    ``labels`` defaults to ``input_ids`` with padding (``attention_mask == 0``) set to -100; positions labelled
+    -100 are skipped and get 0. Outputs are (batch, seq - 1), fp32.
+    """
+    if labels is None:
+        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
+    hidden = backbone_hidden_states(model, input_ids, attention_mask, **model_kwargs)
+    return head_log_probs(model, hidden[:, :-1], labels[:, 1:], temperature=temperature, entropy=entropy, stats=stats)
