@@ -114,11 +114,16 @@ def fused_linear_cross_entropy_reference(
 # ------------------------------------------------------------------------------------------ chunked pass
 
 
-def _chunk_rows(n_rows: int, vocab: int, itemsize: int, weight_grad: bool, hidden: int) -> int:
-    """Rows per chunk: the logits budgets, floored for GEMM efficiency, then balanced over the chunks."""
+def _chunk_rows(n_rows: int, vocab: int, itemsize: int, weight_grad: bool, hidden: int | None) -> int:
+    """Rows per chunk: the logits budgets, floored for GEMM efficiency, then balanced over the chunks.
+
+    ``hidden=None`` drops the activation-sized budget and keeps only ``LOGITS_CHUNK_BYTES``.
+    """
     floor = MIN_CHUNK_ROWS_WEIGHT_GRAD if weight_grad else MIN_CHUNK_ROWS
     vocab = max(vocab, 1)
-    budget = min(LOGITS_CHUNK_BYTES // (vocab * itemsize), -(-n_rows * hidden // vocab))
+    budget = LOGITS_CHUNK_BYTES // (vocab * itemsize)
+    if hidden is not None:
+        budget = min(budget, -(-n_rows * hidden // vocab))
     rows = max(1, floor, budget)
     align = _ROW_ALIGN if rows >= _ROW_ALIGN else 1
     rows -= rows % align

@@ -23,7 +23,9 @@ Backward (hand derived). With g_i the upstream gradient of log_probs_i and e_i t
     G_iv = (g_i ([v == y_i] - p_iv) + e_i p_iv (w_iv - Wbar_i)) * d z_iv / d x_iv
     dL/dh = G @ W,   dL/dW = G.T @ h,   dL/db = sum_i G_i                  (chunk by chunk, like the forward)
 
-Rows are processed in chunks of C tokens (the chunk rule of :mod:`fastft.kernels.fused_linear_cross_entropy`):
+Rows are processed in chunks of C tokens (the chunk rule of :mod:`fastft.kernels.fused_linear_cross_entropy`
+with its fixed 256 MiB logits budget only, TRL's own tile size: Llama-3 at bf16 gets 1024-row chunks, so the
+(V, H) weight is re-read once per 1024 tokens and each GEMM stays compute-bound):
 per chunk the (C, V) logits come from one torch matmul (cuBLAS), the row kernel below (Triton, or its torch
 path) turns them into the outputs and, when asked, overwrites them IN PLACE with G, and the gradient products
 are formed while G is there. Only one chunk of logits exists at any time.
@@ -348,7 +350,7 @@ def _chunked_pass(h, weight, bias, labels, opts: _Options, *, grad_h=None, grad_
                                          False, False)  # fmt: skip
     out = _new_outputs(n_rows, acc, h.device, want)
     grads = grad_h is not None or grad_w is not None or grad_b is not None
-    rows = _chunk_rows(n_rows, vocab, h.element_size(), grad_w is not None, h.shape[1])
+    rows = _chunk_rows(n_rows, vocab, h.element_size(), grad_w is not None, None)
     buffer = torch.empty(min(rows, n_rows), vocab, dtype=h.dtype, device=h.device)
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)

@@ -79,8 +79,9 @@ def patch(model: nn.Module, *, fused_loss: bool = True) -> nn.Module:
     the modules with a fused activation where an adapter feature is not supported); attention keeps
     transformers' forward (so every attention implementation, cache and mask works) with fastft's RoPE and a
     fused q/k/v LoRA Function; and for families whose head is ``lm_head`` plus an optional softcap, the
-    training loss is :func:`fastft.kernels.fused_linear_cross_entropy` (``fused_loss=False`` keeps
-    transformers' head). Returns ``model``. The result is logged in one line and kept as
+    training loss is :func:`fastft.kernels.fused_linear_cross_entropy` and TRL's trainers score tokens with
+    :func:`fastft.kernels.linear_log_probs` (:mod:`fastft.rl.trl_integration`; ``fused_loss=False`` keeps
+    transformers' head and TRL's). Returns ``model``. The result is logged in one line and kept as
     ``model.fastft_report``.
     """
     if not isinstance(model, nn.Module):

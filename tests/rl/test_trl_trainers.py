@@ -81,7 +81,7 @@ def _run(make_trainer, model, expect_route: str) -> list[dict]:
     return history
 
 
-def _compare(plain_history, fast_history, keys) -> None:
+def _compare(plain_history, fast_history, keys, rtol=RTOL, atol=ATOL) -> None:
     assert len(plain_history) == len(fast_history) == STEPS
     for key in keys:  # online trainers log rewards only on the steps that generate
         assert any(key in p for p in plain_history), key
@@ -89,7 +89,7 @@ def _compare(plain_history, fast_history, keys) -> None:
         for key in keys:
             assert (key in p) == (key in f), (step, key)
             if key in p:
-                assert f[key] == pytest.approx(p[key], rel=RTOL, abs=ATOL), (step, key, p[key], f[key])
+                assert f[key] == pytest.approx(p[key], rel=rtol, abs=atol), (step, key, p[key], f[key])
 
 
 def _texts(n=16):
@@ -129,16 +129,25 @@ def test_sft(tmp_path, variant, rows, extra):
     _compare(p, f, ["loss", "entropy", "mean_token_accuracy", "grad_norm"])
 
 
-def test_dpo_peft(tmp_path):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16_autocast"])
+def test_dpo_peft(tmp_path, bf16):
+    """Also under TRL's default ``bf16=True`` (CPU autocast). Both runs then round to bf16 (unit roundoff 2^-9)
+    in different places (fastft's fused kernels keep fp32 intermediates that autocast rounds), so they agree to
+    that precision: 1e-2 relative on the loss, the summed log-probs and the gradient norm. The rewards are
+    beta * (policy - reference) log-prob differences of ~0.03 between sums of ~-150, i.e. cancellations far
+    below bf16's resolution of the terms, and are compared in fp32 only."""
     plain, fast = _twins(use_peft=True)
     dataset = Dataset.from_list(_preferences())
 
     def make(model):
-        args = trl.DPOConfig(**_common(tmp_path, beta=0.5, max_length=128))
+        args = trl.DPOConfig(**_common(tmp_path, beta=0.5, max_length=128, bf16=bf16))
         return trl.DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer())
 
     p, f = _run(make, plain, "trl"), _run(make, fast, "fastft")
-    _compare(p, f, ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "grad_norm"])
+    if bf16:
+        _compare(p, f, ["loss", "logps/chosen", "logps/rejected", "grad_norm"], rtol=1e-2, atol=1e-3)
+    else:
+        _compare(p, f, ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "grad_norm"])
     assert abs(f[-1]["rewards/margins"]) > 1e-4  # the policy moved away from the reference
 
 
