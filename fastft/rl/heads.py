@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fastft.kernels.logprob_head import LogProbs, linear_log_probs
+from fastft.models.layers import head_linear
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -38,6 +39,19 @@ def head_transform(config: object) -> tuple[float | None, float | None]:
     if scale is None and getattr(text, "logits_scaling", None) is not None:
         scale = text.logits_scaling if getattr(text, "model_type", "") == "hyperclovax" else 1 / text.logits_scaling
     return (None if softcap is None else float(softcap)), (None if scale is None else float(scale))
+
+
+def output_linear(model: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` the model's output head computes right now (through PEFT's ``modules_to_save``)."""
+    head = _causal_lm(model).get_output_embeddings()
+    linear = head_linear(head) if head is not None else None
+    if linear is None:
+        raise NotImplementedError(
+            f"fastft.rl: the model's output head is a {type(head).__name__}, not a plain linear layer (a LoRA "
+            "adapter on lm_head?); the log-prob head reads its weight directly and would ignore the adapter. Leave "
+            "lm_head out of target_modules (modules_to_save=['lm_head'] trains it fully and works)."
+        )
+    return linear
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -72,8 +86,8 @@ def head_log_probs(
 ) -> LogProbs:
     """Log-probs of ``labels`` (already aligned with ``hidden``; -100 = skip) under the model's output head."""
     lm = _causal_lm(model)
-    head = lm.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
+    linear = output_linear(model)
+    weight, bias = linear.weight, linear.bias
     softcap, logit_scale = head_transform(lm.config)
     return linear_log_probs(
         hidden.to(weight.device),

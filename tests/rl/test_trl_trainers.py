@@ -248,3 +248,20 @@ def test_other_models_keep_trl_head():
     assert trl_integration.calls["trl"] == before.get("trl", 0) + 1
     assert trl_integration.calls["fastft"] == before.get("fastft", 0)
     torch.testing.assert_close(out[0], original[0], rtol=0, atol=0)
+
+
+def test_lora_on_the_output_head_is_refused_not_ignored():
+    from fastft.rl import causal_log_probs
+
+    model = peft.get_peft_model(tiny_llama(0), peft.LoraConfig(r=4, target_modules=["lm_head"]))
+    with pytest.raises(NotImplementedError, match="LoRA adapter on lm_head"):
+        causal_log_probs(model, torch.randint(3, 2000, (1, 8)))
+    saved = peft.get_peft_model(
+        tiny_llama(0), peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    )
+    ids = torch.randint(3, 2000, (1, 8))
+    with torch.no_grad():
+        saved.base_model.model.lm_head.modules_to_save["default"].weight.mul_(2.0)  # the trained copy differs
+        expected = saved(input_ids=ids).logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        got = causal_log_probs(saved, ids).log_probs
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
