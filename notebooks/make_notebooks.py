@@ -1,16 +1,18 @@
-"""Write ``notebooks/quickstart.ipynb`` and ``notebooks/qlora.ipynb`` from the cell sources below.
+"""Write the notebooks ``quickstart``, ``qlora``, ``dpo`` and ``grpo`` (``notebooks/*.ipynb``) from the cells below.
 
 The notebooks are generated so that a review reads Python, not JSON: edit the cells here, then run
-``python notebooks/make_notebooks.py`` and commit both files. They are written without outputs and with fixed cell
+``python notebooks/make_notebooks.py`` and commit the files. They are written without outputs and with fixed cell
 ids, so regenerating an unchanged source gives byte-identical files; ``--check`` only reports whether the committed
 notebooks are up to date (the notebook tests run it).
 
-Both notebooks share one flow and differ in the base model's precision: ``quickstart`` trains LoRA adapters on a
-16-bit (on a CPU: fp32) base, ``qlora`` on a bitsandbytes NF4 base. Each starts with an install cell that does
-something only on Colab and a ``parameters`` cell whose default is fastft's embedded tiny Llama (random weights, its
-own tokenizer and instruction data, shipped in the package: no download, seconds on a CPU, what CI runs) and, on
-Colab, a real hub model. Cell sources are ``string.Template`` text: ``${name}`` is filled per notebook (Python code
-has no ``$``, so its braces stay as they are).
+``quickstart`` and ``qlora`` share one flow and differ in the base model's precision: ``quickstart`` trains LoRA
+adapters on a 16-bit (on a CPU: fp32) base, ``qlora`` on a bitsandbytes NF4 base. ``dpo`` and ``grpo`` share their
+install, load and LoRA cells, then train with TRL's unmodified ``DPOTrainer`` (preference pairs) and ``GRPOTrainer``
+(Python reward functions). Each starts with an install cell that does something only on Colab and a ``parameters``
+cell whose default is fastft's embedded tiny Llama (random weights, its own tokenizer and instruction data, shipped
+in the package: no download, seconds on a CPU, what CI runs) and, on Colab, a real hub model. Cell sources are
+``string.Template`` text: ``${name}`` is filled per notebook (Python code has no ``$``, so its braces stay as they
+are).
 """
 
 from __future__ import annotations
@@ -368,14 +370,343 @@ CELLS = [
     ("code", SUMMARY),
 ]
 
+# ------------------------------------------------------------------------------------------------ dpo and grpo
+
+RL_VARIANTS = {
+    "dpo": {
+        "title": "fastft DPO: preference tuning with TRL's DPOTrainer on a fastft model",
+        "trainer": "DPOTrainer",
+        "colab_model": "unsloth/Llama-3.2-1B-Instruct",
+        "method_paragraph": (
+            "DPO (direct preference optimisation) learns from pairs of answers to one prompt, a `chosen` and a "
+            "`rejected` one: it raises the policy's log-probability ratio to a frozen reference on the chosen answer "
+            "above the one on the rejected answer. With LoRA the reference is the same model with its adapters "
+            "disabled, so no second copy of the weights is loaded."
+        ),
+    },
+    "grpo": {
+        "title": "fastft GRPO: reinforcement learning with TRL's GRPOTrainer and Python rewards",
+        "trainer": "GRPOTrainer",
+        "colab_model": "unsloth/Qwen2.5-0.5B-Instruct",
+        "method_paragraph": (
+            "GRPO (group relative policy optimisation) samples several completions per prompt, scores them with reward "
+            "functions (here plain Python: is the answer's number right?), turns each group's rewards into advantages "
+            "(reward minus the group mean, over the group's standard deviation) and takes a clipped policy-gradient "
+            "step, with a KL penalty against the reference: the model with its LoRA adapters disabled."
+        ),
+    },
+}
+
+RL_INTRO = """
+# ${title}
+
+${method_paragraph}
+
+This notebook runs TRL's `${trainer}` unmodified on a model loaded by `fastft.FastModel`: changing how the model is
+loaded is all it takes to train a TRL script with fastft's kernels.
+
+**Run it as it is** on a CPU (well under a minute): the default model is fastft's embedded tiny Llama, random weights
+with its own tokenizer and instruction data, shipped inside the package. CI runs this notebook top to bottom that
+way. **On Colab** (Runtime > Change runtime type > T4 GPU) the parameters cell picks `${colab_model}` instead.
+"""
+
+DPO_PARAMETERS = """
+MODEL_NAME = "${colab_model}" if IN_COLAB else "embedded"
+EMBEDDED = MODEL_NAME == "embedded"
+LOAD_IN_4BIT = False  # True: QLoRA, a bitsandbytes NF4 base (see qlora.ipynb)
+MAX_SEQ_LENGTH = 128 if EMBEDDED else 512  # tokens per prompt + answer
+BATCH_SIZE = 4  # preference pairs per step
+STEPS = 10 if EMBEDDED else 100
+LEARNING_RATE = 5e-3 if EMBEDDED else 5e-5
+BETA = 0.1  # DPO's inverse temperature: how far the policy may move from the reference
+LORA_RANK = 16
+OUTPUT_DIR = "outputs"
+"""
+
+GRPO_PARAMETERS = """
+MODEL_NAME = "${colab_model}" if IN_COLAB else "embedded"
+EMBEDDED = MODEL_NAME == "embedded"
+LOAD_IN_4BIT = False  # True: QLoRA, a bitsandbytes NF4 base (see qlora.ipynb)
+MAX_SEQ_LENGTH = 256  # prompt + completion
+NUM_GENERATIONS = 4  # completions sampled per prompt (one group)
+PROMPTS_PER_STEP = 2
+MAX_COMPLETION_LENGTH = 16 if EMBEDDED else 128  # tokens generated per completion
+STEPS = 6 if EMBEDDED else 100
+LEARNING_RATE = 5e-3 if EMBEDDED else 1e-5
+BETA = 0.04  # KL penalty against the reference
+LORA_RANK = 16
+OUTPUT_DIR = "outputs"
+"""
+
+RL_SETTINGS = """
+# Shared by the trainer config below: the model's compute dtype picks TRL's mixed precision.
+compute_dtype = model.get_input_embeddings().weight.dtype  # fp32 on a CPU, bf16/fp16 on a GPU
+common = {
+    "max_steps": STEPS,
+    "learning_rate": LEARNING_RATE,
+    "lr_scheduler_type": "constant",
+    "gradient_checkpointing": False,  # fastft's "unsloth" checkpointing is already on
+    "bf16": compute_dtype == torch.bfloat16,
+    "fp16": compute_dtype == torch.float16,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "none",
+    "disable_tqdm": True,
+    "seed": 0,
+}
+"""
+
+DPO_DATA_MD = """
+## Preference pairs
+
+From the instruction examples shipped with fastft: `chosen` is the real response, `rejected` the same response
+corrupted (its last number changed, or, without a number, its words shuffled). TRL's conversational format: lists of
+`{"role", "content"}` messages, rendered with the tokenizer's chat template. For your own data, any dataset with
+`prompt`, `chosen` and `rejected` columns works.
+"""
+
+DPO_DATA = """
+import random
+import re
+
+from datasets import Dataset
+
+from fastft.bench.assets import default_examples
+
+
+def corrupt(response, rng):
+    numbers = list(re.finditer(r"\\d+", response))
+    if numbers:  # the last number (usually the answer) off by a little
+        last = numbers[-1]
+        wrong = abs(int(last.group()) + rng.choice([-3, -2, -1, 1, 2, 3, 10]))
+        return response[: last.start()] + str(wrong) + response[last.end() :]
+    words = response.split()
+    shuffled = words[:]
+    while len(words) > 1 and shuffled == words:
+        rng.shuffle(shuffled)
+    return " ".join(shuffled)
+
+
+rng = random.Random(0)
+examples = default_examples()
+pairs = Dataset.from_list(
+    [
+        {
+            "prompt": [{"role": "user", "content": e["prompt"]}],
+            "chosen": [{"role": "assistant", "content": e["response"]}],
+            "rejected": [{"role": "assistant", "content": corrupt(e["response"], rng)}],
+        }
+        for e in examples
+    ]
+)
+print(len(pairs), "pairs, e.g.")
+print("chosen:  ", pairs[0]["chosen"][0]["content"])
+print("rejected:", pairs[0]["rejected"][0]["content"])
+"""
+
+DPO_TRAIN_MD = """
+## Train with TRL's `DPOTrainer`
+
+The config and the trainer are TRL's, unchanged. At the first step the LoRA adapters are zero (B = 0), so the policy
+equals the reference: the loss is ln 2 = 0.693 and the reward margin 0. The margin (chosen minus rejected,
+`BETA` times the log-ratio to the reference) should then grow.
+"""
+
+DPO_TRAIN = """
+from trl import DPOConfig, DPOTrainer
+
+trainer = DPOTrainer(
+    model=model,
+    processing_class=tokenizer,
+    train_dataset=pairs,
+    args=DPOConfig(
+        output_dir=os.path.join(OUTPUT_DIR, "dpo"),
+        per_device_train_batch_size=BATCH_SIZE,
+        max_length=MAX_SEQ_LENGTH,
+        beta=BETA,
+        **common,
+    ),
+)
+trainer.train()
+logs = [log for log in trainer.state.log_history if "loss" in log]
+losses = [log["loss"] for log in logs]
+margins = [log["rewards/margins"] for log in logs]
+for log in logs:
+    print(f"step {log['step']:3d}  loss {log['loss']:.4f}  margin {log['rewards/margins']:+.4f}")
+"""
+
+GRPO_DATA_MD = """
+## Prompts and rewards
+
+The arithmetic questions of fastft's instruction data ("What is 209 - 19?") as conversational prompts, each with its
+answer in an `answer` column; TRL passes every extra column to the reward functions as a keyword argument. Two reward
+functions, summed by TRL:
+
+- `correct_answer`: 1 when the completion's last number is the answer (verifiable: no reward model);
+- `digits`: the share of the completion's characters that are digits, a dense signal that a model starting from
+  random weights (as the embedded one does) can climb before it gets any answer right.
+"""
+
+GRPO_DATA = """
+import re
+
+from datasets import Dataset
+
+from fastft.bench.assets import default_examples
+
+arithmetic = [e for e in default_examples() if e["task"] in ("addition", "subtraction", "multiplication", "division")]
+prompts = Dataset.from_list(
+    [
+        {"prompt": [{"role": "user", "content": e["prompt"]}], "answer": re.findall(r"\\d+", e["response"])[-1]}
+        for e in arithmetic
+    ]
+)
+
+
+def text(completion):
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def correct_answer(completions, answer, **kwargs):
+    last = [re.findall(r"\\d+", text(c))[-1:] for c in completions]
+    return [1.0 if found == [expected] else 0.0 for found, expected in zip(last, answer)]
+
+
+def digits(completions, **kwargs):
+    return [sum(ch.isdigit() for ch in text(c)) / max(len(text(c)), 1) for c in completions]
+
+
+print(len(prompts), "prompts, e.g.", prompts[0])
+print(correct_answer(["The answer is 190.", "It is 19."], answer=["190", "190"]), digits(["12ab"]))
+"""
+
+GRPO_TRAIN_MD = """
+## Train with TRL's `GRPOTrainer`
+
+The config and the trainer are TRL's, unchanged. Every step samples `NUM_GENERATIONS` completions for each of
+`PROMPTS_PER_STEP` prompts, scores them and updates the adapters. The loss of GRPO hovers near 0 by construction (the
+advantages of a group sum to 0); the reward is what to watch. A few steps from random weights show the loop working,
+not a model that can add: a real model, more steps and `correct_answer` rising are the Colab run.
+"""
+
+GRPO_TRAIN = """
+from trl import GRPOConfig, GRPOTrainer
+
+trainer = GRPOTrainer(
+    model=model,
+    processing_class=tokenizer,
+    reward_funcs=[correct_answer, digits],
+    train_dataset=prompts,
+    args=GRPOConfig(
+        output_dir=os.path.join(OUTPUT_DIR, "grpo"),
+        per_device_train_batch_size=PROMPTS_PER_STEP * NUM_GENERATIONS,  # completions per step
+        num_generations=NUM_GENERATIONS,
+        max_completion_length=MAX_COMPLETION_LENGTH,
+        beta=BETA,
+        **common,
+    ),
+)
+trainer.train()
+logs = [log for log in trainer.state.log_history if "loss" in log]
+losses = [log["loss"] for log in logs]
+rewards = [log["reward"] for log in logs]
+correct = [log["rewards/correct_answer/mean"] for log in logs]
+for log in logs:
+    print(f"step {log['step']:3d}  loss {log['loss']:+.4f}  reward {log['reward']:.3f}")
+"""
+
+GRPO_SAMPLE_MD = """
+## Sample the trained policy
+
+`FastModel.for_inference` switches to evaluation mode with the KV cache on. The embedded model has had a few steps
+from random weights: expect digits and fragments, not an answer.
+"""
+
+GRPO_SAMPLE = """
+FastModel.for_inference(model)
+question = prompts[0]["prompt"]
+batch = tokenizer.apply_chat_template(question, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+batch = batch.to(model.device)
+with torch.no_grad():
+    sample = model.generate(**batch, max_new_tokens=MAX_COMPLETION_LENGTH, do_sample=False)
+print(question[0]["content"], "->", tokenizer.decode(sample[0, batch["input_ids"].shape[1] :], skip_special_tokens=True))
+"""
+
+RL_SUMMARY_MD = """
+## Summary
+
+One JSON line with the numbers of this run (CI reads it).
+"""
+
+DPO_SUMMARY = """
+import json
+
+summary = {"model": MODEL_NAME, "method": "dpo", "dtype": str(model.dtype), "losses": losses, "margins": margins}
+print(json.dumps(summary))
+"""
+
+GRPO_SUMMARY = """
+import json
+
+summary = {"model": MODEL_NAME, "method": "grpo", "dtype": str(model.dtype), "losses": losses, "rewards": rewards}
+summary["correct"] = correct
+print(json.dumps(summary))
+"""
+
+_RL_HEAD = [
+    ("markdown", RL_INTRO),
+    ("code", INSTALL),
+    ("markdown", PARAMETERS_MD),
+]
+_RL_MODEL = [
+    ("markdown", LOAD_MD),
+    ("code", LOAD),
+    ("markdown", PEFT_MD),
+    ("code", PEFT),
+    ("code", RL_SETTINGS),
+]
+DPO_CELLS = [
+    *_RL_HEAD,
+    ("parameters", DPO_PARAMETERS),
+    *_RL_MODEL,
+    ("markdown", DPO_DATA_MD),
+    ("code", DPO_DATA),
+    ("markdown", DPO_TRAIN_MD),
+    ("code", DPO_TRAIN),
+    ("markdown", RL_SUMMARY_MD),
+    ("code", DPO_SUMMARY),
+]
+GRPO_CELLS = [
+    *_RL_HEAD,
+    ("parameters", GRPO_PARAMETERS),
+    *_RL_MODEL,
+    ("markdown", GRPO_DATA_MD),
+    ("code", GRPO_DATA),
+    ("markdown", GRPO_TRAIN_MD),
+    ("code", GRPO_TRAIN),
+    ("markdown", GRPO_SAMPLE_MD),
+    ("code", GRPO_SAMPLE),
+    ("markdown", RL_SUMMARY_MD),
+    ("code", GRPO_SUMMARY),
+]
+
+# name -> (cells, template values): every notebook this script writes, in order.
+NOTEBOOKS = {
+    "quickstart": (CELLS, VARIANTS["quickstart"]),
+    "qlora": (CELLS, VARIANTS["qlora"]),
+    "dpo": (DPO_CELLS, RL_VARIANTS["dpo"]),
+    "grpo": (GRPO_CELLS, RL_VARIANTS["grpo"]),
+}
+
 
 def build(name: str) -> nbformat.NotebookNode:
-    """The notebook ``name`` ("quickstart" or "qlora"), without outputs, validated against the nbformat schema."""
-    if name not in VARIANTS:
-        raise ValueError(f"name={name!r} is not one of {sorted(VARIANTS)}")
-    values = {**VARIANTS[name], "pip_spec": FASTFT_PIP_SPEC}
+    """The notebook ``name`` (one of :data:`NOTEBOOKS`), without outputs, validated against the nbformat schema."""
+    if name not in NOTEBOOKS:
+        raise ValueError(f"name={name!r} is not one of {sorted(NOTEBOOKS)}")
+    templates, variant = NOTEBOOKS[name]
+    values = {**variant, "pip_spec": FASTFT_PIP_SPEC}
     cells = []
-    for index, (kind, template) in enumerate(CELLS):
+    for index, (kind, template) in enumerate(templates):
         source = Template(template.strip("\n")).substitute(values)
         if kind == "markdown":
             cell = new_markdown_cell(source)
@@ -402,12 +733,12 @@ def render(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Write both notebooks next to this script, or with ``--check`` report the ones that differ; 1 if any."""
+    """Write every notebook next to this script, or with ``--check`` report the ones that differ; 1 if any."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a notebook is out of date")
     args = parser.parse_args(argv)
     stale = []
-    for name in VARIANTS:
+    for name in NOTEBOOKS:
         path = HERE / f"{name}.ipynb"
         text = render(name)
         if args.check:

@@ -1,9 +1,9 @@
 """The one-shot GPU suite: ``python -m fastft.bench gpu --out DIR`` measures everything we want to know in one go.
 
-Four parts, run in this order, each in its own Python process with its own time budget (the process group is
+Six parts, run in this order, each in its own Python process with its own time budget (the process group is
 killed when the budget is spent: the part is recorded ``timeout`` with whatever it had saved, and the next part
 starts; a part that finishes early passes its unused seconds on to the next one, so the total never exceeds the sum
-of the budgets, 460 s by default, under the 8 minutes the run may take):
+of the budgets, 500 s by default, under the 9 minutes the run may take):
 
 - ``device`` (20 s): the measured copy bandwidth (a 1 GiB device-to-device ``copy_``, read + write bytes, median of
   10 after warm-up, CUDA events) and bf16 matmul rate (an 8192^3 GEMM on normal random operands, 2 n^3 FLOPs per
@@ -15,7 +15,14 @@ of the budgets, 460 s by default, under the 8 minutes the run may take):
   dimensions with random weights, batch 1 x 4096 random tokens, bf16 and 4-bit NF4 (bitsandbytes), for plain
   transformers + PEFT, Liger and fastft (:func:`fastft.bench.step.build_model`), each configuration in its own
   process: tokens/s (steps after the first), MFU and peak memory (``max_memory_allocated``, weights included);
-- ``max_context`` (90 s): the longest sequence one training step fits in under an 80 GB (80e9 bytes) cap
+- ``logprob_head`` (30 s): fastft's log-prob head (:func:`fastft.kernels.logprob_head.linear_log_probs`, frozen head,
+  log-probs + entropy forward, backward from the log-probs) against TRL's ``trl.kernels.ChunkedLogProbFunction`` (what
+  TRL's fused LM head runs) and the full-logits PyTorch formula, 8192 tokens, hidden 4096, vocabulary 128256, bf16:
+  forward / backward time, peak memory beyond the inputs, max error against float64 (:mod:`fastft.bench.gpu_rl`);
+- ``grpo_loss_step`` (30 s): one GRPO loss step at Llama-3.1-8B's head dimensions (8 completions x 1024 tokens:
+  policy log-probs with grad, reference log-probs under ``no_grad``, clipped surrogate + KL, backward) through fastft,
+  TRL's chunked function and full logits: step time and peak memory;
+- ``max_context`` (70 s): the longest sequence one training step fits in under an 80 GB (80e9 bytes) cap
   (``set_per_process_memory_fraction``; an OOM or a peak above the cap does not fit), per contender in its
   memory-saving mode (plain and Liger with transformers' checkpointing, fastft with offloaded checkpointing):
   doubling from 4096, then bisecting; a probe that would not end within the part's budget is not started, and the
@@ -29,7 +36,7 @@ are trained (6 per parameter); causal attention is ``2 L Hq D S`` forward (QK^T 
 and twice that backward. 4-bit contenders count the same FLOPs (dequantisation is overhead, not model FLOPs).
 
 Missing optional peers are reported, never a crash: Liger Kernel "not installed" (or "skipped: needs CUDA"), 4-bit
-"not installed" without bitsandbytes. The results go to ``DIR/<gpu-name>-<date>.json`` and ``.md`` (rewritten after
+"not installed" without bitsandbytes, TRL's rows "not installed" without trl. The results go to ``DIR/<gpu-name>-<date>.json`` and ``.md`` (rewritten after
 every part, so a killed run keeps what it measured); process logs to ``--logs`` (default ``DIR/logs``).
 :func:`readme_table` renders the newest GPU result of a results folder as the README's GPU table, and
 ``--update-readme README.md`` writes it between ``<!-- gpu-results:start -->`` and ``<!-- gpu-results:end -->``.
@@ -37,10 +44,13 @@ every part, so a killed run keeps what it measured); process logs to ``--logs`` 
 ``--dry-run`` runs every part on the CPU at tiny shapes (the device part measures the CPU's copy and matmul), in
 well under a minute: the test suite runs it so that the suite cannot rot while no GPU is at hand.
 
-The next session with the GPU machine (H200; bitsandbytes and liger-kernel are not installed there, so they travel
-as wheels: once, here, in the repository root, ``echo /.whl/ >> .git/info/exclude`` and ``python3 -m pip download
---no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_24_x86_64 -d .whl
-bitsandbytes==0.50.2 liger-kernel==0.8.5``, 44 MB) runs, with ``timeout_s=560`` and ``carry=[".whl"]``::
+The next session with the GPU machine (H200; bitsandbytes, liger-kernel and trl are not installed there, so they
+travel as wheels: once, here, in the repository root, ``echo /.whl/ >> .git/info/exclude`` and ``python3 -m pip
+download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_24_x86_64 -d
+.whl bitsandbytes==0.50.2 liger-kernel==0.8.5``, 44 MB, then ``python3 -m pip download trl==1.16.0 --no-deps
+--only-binary=:all: -d .whl`` (a pure-Python wheel, under 1 MB; the suite uses only ``trl.kernels``, which needs
+transformers and triton, both there, so none of trl's other requirements travel; the wheels travel as the device
+README says, in the ignored ``.whl`` folder named in ``carry``) runs, with ``timeout_s=580`` and ``carry=[".whl"]``::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
     && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 || exit; python3 -m fastft.bench.gpu --out $OUT
@@ -69,9 +79,23 @@ from fastft.bench.gpu_report import DEFAULT_RESULTS, MARKERS, markdown, memory_b
 
 __all__ = ["BUDGETS_S", "MARKERS", "PARTS", "main", "markdown", "readme_table", "run_suite", "update_readme"]
 
-PARTS = ("device", "kernels", "lora_step", "max_context")
-BUDGETS_S = {"device": 20.0, "kernels": 150.0, "lora_step": 200.0, "max_context": 90.0}
-DRY_RUN_BUDGETS_S = {"device": 20.0, "kernels": 60.0, "lora_step": 60.0, "max_context": 40.0}
+PARTS = ("device", "kernels", "lora_step", "logprob_head", "grpo_loss_step", "max_context")
+BUDGETS_S = {
+    "device": 20.0,
+    "kernels": 150.0,
+    "lora_step": 200.0,
+    "logprob_head": 30.0,
+    "grpo_loss_step": 30.0,
+    "max_context": 70.0,
+}
+DRY_RUN_BUDGETS_S = {
+    "device": 20.0,
+    "kernels": 60.0,
+    "lora_step": 60.0,
+    "max_context": 40.0,
+    "logprob_head": 30.0,
+    "grpo_loss_step": 30.0,
+}
 CAP_BYTES = 80 * 10**9  # "80 GB": what an 80 GB card leaves a training process, with room for the CUDA context
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,7 +144,7 @@ def _meta(dry_run: bool, budgets: dict[str, float], argv: list[str]) -> dict[str
         fastft_commit=_commit(),
         budgets_s=budgets,
         command=["python", "-m", "fastft.bench", "gpu", *argv],
-        **{p: _version(p) for p in ("fastft", "transformers", "peft", "bitsandbytes", "liger_kernel")},
+        **{p: _version(p) for p in ("fastft", "transformers", "peft", "bitsandbytes", "liger_kernel", "trl")},
     )
     return meta
 

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from fastft.bench import gpu_rl
+
 GRACE_S = 5.0  # a part's own deadline comes this long before it is killed: it saves what it has and exits
 # The LoRA step configurations (quant, contender, checkpointing), most important first: a budget cut drops the last.
 LORA_PLAN = (
@@ -379,6 +381,8 @@ _TASKS: dict[str, Callable[[dict, Callable[[dict], None]], dict]] = {
     "kernels": _part_kernels,
     "lora_step": _part_lora_step,
     "max_context": _part_max_context,
+    "logprob_head": gpu_rl.part_logprob_head,
+    "grpo_loss_step": gpu_rl.part_grpo_loss_step,
     "lora_config": _lora_config,
     "max_context_one": _max_context_one,
 }

@@ -96,6 +96,68 @@ def _context_rows(results: dict) -> list[str]:
     return lines
 
 
+def _err(row: dict, key: str) -> str:
+    return _fmt((row.get("errors") or {}).get(key), ".1e")
+
+
+def _logprob_rows(results: dict) -> list[str]:
+    lines = [
+        "| contender | fwd ms | bwd ms | fwd+bwd ms | vs fastft | peak memory | max err log-probs / entropy | status |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in results.get("rows") or []:
+        peak = r.get("peak_mb")
+        lines.append(
+            f"| {r['contender']} | {_fmt(r.get('fwd_ms'), '.3f')} | {_fmt(r.get('bwd_ms'), '.3f')} | "
+            f"{_fmt(r.get('total_ms'), '.3f')} | {_fmt(r.get('vs_fastft'), '.2f')} | "
+            f"{_gb(None if peak is None else peak * 2**20)} | {_err(r, 'log_probs')} / {_err(r, 'entropy')} | "
+            f"{_status(r)} |"
+        )
+    return lines
+
+
+def _grpo_rows(results: dict) -> list[str]:
+    lines = [
+        "| contender | step ms (fwd + bwd) | vs fastft | peak memory | loss | status |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in results.get("rows") or []:
+        peak = r.get("peak_mb")
+        step = f"{r['step_ms']:.3f} ({r['fwd_ms']:.3f} + {r['bwd_ms']:.3f})" if r.get("step_ms") else "-"
+        lines.append(
+            f"| {r['contender']} | {step} | {_fmt(r.get('vs_fastft'), '.2f')} | "
+            f"{_gb(None if peak is None else peak * 2**20)} | {_fmt(r.get('loss'), '.5f')} | {_status(r)} |"
+        )
+    return lines
+
+
+def _rl_sections(parts: dict) -> list[str]:
+    head, grpo = (parts.get(p, {}).get("results") or {} for p in ("logprob_head", "grpo_loss_step"))
+    dims = head.get("dims") or grpo.get("dims") or {}
+    shape = f"{dims.get('tokens')} tokens, hidden {dims.get('hidden')}, vocabulary {dims.get('vocab')}, bf16"
+    return [
+        "",
+        "## Log-prob head",
+        "",
+        (
+            f"Per-token log-probs + entropy of a frozen head, {shape}; backward from the log-probs; vs fastft = "
+            "contender time / fastft time (> 1: fastft is faster); peak memory beyond the inputs; max err vs float64 "
+            "(first 256 rows)."
+        ),
+        "",
+        *_logprob_rows(head),
+        "",
+        "## GRPO loss step",
+        "",
+        (
+            f"Policy log-probs (grad) + reference log-probs (no_grad) + clipped surrogate and KL + backward, {shape}, "
+            f"{dims.get('completions')} completions x {dims.get('completion_len')} tokens."
+        ),
+        "",
+        *_grpo_rows(grpo),
+    ]
+
+
 def _header(meta: dict, device: dict) -> list[str]:
     return [
         (
@@ -104,7 +166,8 @@ def _header(meta: dict, device: dict) -> list[str]:
         ),
         (
             f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, transformers {meta['transformers']}, "
-            f"peft {meta['peft']}, bitsandbytes {meta['bitsandbytes']}, liger_kernel {meta['liger_kernel']}"
+            f"peft {meta['peft']}, bitsandbytes {meta['bitsandbytes']}, liger_kernel {meta['liger_kernel']}, "
+            f"trl {meta.get('trl', '-')}"
         ),
         (
             f"- measured copy bandwidth {_fmt(device.get('copy_bytes_per_s'), '.4g', 1e9)} GB/s "
@@ -150,6 +213,7 @@ def markdown(record: dict) -> str:
         f"Longest sequence (batch 1) one training step fits in under {_gb(context.get('cap_bytes'))}, bf16.",
         "",
         *_context_rows(context),
+        *_rl_sections(parts),
     ]
     return "\n".join(lines) + "\n"
 
@@ -218,6 +282,7 @@ def readme_table(results_dir: Path | str = DEFAULT_RESULTS) -> str:
     lines += ["", f"LoRA step, {_describe(model)}, batch {model.get('batch_size')} x {model.get('seq_len')}:", ""]
     lines += _lora_rows(lora)
     lines += ["", f"Max context under {_gb(context.get('cap_bytes'))}:", "", *_context_rows(context)]
+    lines += [line.replace("## ", "") + (":" if line.startswith("## ") else "") for line in _rl_sections(parts)]
     return "\n".join(lines) + "\n"
 
 

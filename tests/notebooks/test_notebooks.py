@@ -30,6 +30,7 @@ NOTEBOOKS = REPO / "notebooks"
 CELL_TIMEOUT_S = 300  # one cell; the longest, training, takes about 20 s on 2 cores
 STEPS = 30  # the parameters cell's STEPS for the embedded model
 TRL_STEPS = 10  # the TRL run only has to show that the cell works: fewer steps
+RL_STEPS = {"dpo": 10, "grpo": 6}  # the parameters cells' STEPS for the embedded model
 
 
 def _execute(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: str = "") -> nbformat.NotebookNode:
@@ -107,13 +108,38 @@ def test_quickstart_trl_cell(tmp_path, monkeypatch):
     _check_run(_summary(notebook), tmp_path / "run", load_in_4bit=False, steps=TRL_STEPS)
 
 
+def test_dpo_notebook(tmp_path, monkeypatch):
+    """TRL's DPOTrainer on the embedded model: a few steps, the first one at the reference (loss ln 2, margin 0)."""
+    summary = _summary(_execute("dpo", tmp_path, monkeypatch))
+    assert summary["model"] == "embedded" and summary["method"] == "dpo" and summary["dtype"] == "torch.float32"
+    losses, margins = summary["losses"], summary["margins"]
+    assert len(losses) == len(margins) == RL_STEPS["dpo"]
+    assert all(math.isfinite(x) for x in losses + margins)
+    # LoRA starts as the identity (B = 0): at step 1 the policy is the reference.
+    assert abs(losses[0] - math.log(2)) < 1e-4 and margins[0] == 0
+
+
+def test_grpo_notebook(tmp_path, monkeypatch):
+    """TRL's GRPOTrainer on the embedded model with the notebook's two Python reward functions."""
+    notebook = _execute("grpo", tmp_path, monkeypatch)
+    summary = _summary(notebook)
+    assert summary["model"] == "embedded" and summary["method"] == "grpo" and summary["dtype"] == "torch.float32"
+    assert len(summary["losses"]) == len(summary["rewards"]) == RL_STEPS["grpo"]
+    assert all(math.isfinite(x) for x in summary["losses"])
+    # correct_answer is 0 or 1 and digits a share: their sum, averaged over the completions, lies in [0, 2].
+    assert all(0 <= r <= 2 for r in summary["rewards"]) and all(0 <= c <= 1 for c in summary["correct"])
+    (rewards_cell,) = [c for c in notebook.cells if c.cell_type == "code" and "def correct_answer" in c.source]
+    printed = "".join(o.get("text", "") for o in rewards_cell.outputs)
+    assert "[1.0, 0.0] [0.5]" in printed  # the reward functions on known completions
+
+
 def test_notebooks_match_their_generator(capsys):
     """The committed notebooks are what ``notebooks/make_notebooks.py`` writes (sources, fixed ids, no outputs)."""
     spec = importlib.util.spec_from_file_location("make_notebooks", NOTEBOOKS / "make_notebooks.py")
     make_notebooks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_notebooks)
     assert make_notebooks.main(["--check"]) == 0, capsys.readouterr().err
-    for name in ("quickstart", "qlora"):
+    for name in ("quickstart", "qlora", "dpo", "grpo"):
         notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
         nbformat.validate(notebook)
         assert all(c.get("outputs", []) == [] and c.get("execution_count") is None for c in notebook.cells)
