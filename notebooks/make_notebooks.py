@@ -629,7 +629,8 @@ batch = tokenizer.apply_chat_template(question, add_generation_prompt=True, retu
 batch = batch.to(model.device)
 with torch.no_grad():
     sample = model.generate(**batch, max_new_tokens=MAX_COMPLETION_LENGTH, do_sample=False)
-print(question[0]["content"], "->", tokenizer.decode(sample[0, batch["input_ids"].shape[1] :], skip_special_tokens=True))
+completion = tokenizer.decode(sample[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+print(question[0]["content"], "->", completion)
 """
 
 RL_SUMMARY_MD = """
