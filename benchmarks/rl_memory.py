@@ -1,4 +1,4 @@
-"""One DPO step and one GRPO loss step inside TRL's own trainers: what autograd keeps for backward, fastft vs plain.
+"""One DPO, GRPO and ORPO step inside TRL's own trainers: what autograd keeps for backward, fastft vs plain.
 
 The model is that of ``benchmarks/memory.py`` (Llama-3-8B proportions scaled down: hidden 1024, intermediate 3584,
 head_dim 128, 8 query / 2 key-value heads, a 32000 vocabulary, 2 decoder layers, random bf16 weights, SDPA; PEFT LoRA
@@ -17,7 +17,10 @@ the trainer installs its fused LM head on the model as in training), and one ste
   ``prompt``; the reference log-probs come first, as TRL computes them when it scores a generation batch
   (``_get_per_token_logps_and_entropies`` with the adapters disabled, under ``no_grad``), then
   ``GRPOTrainer.compute_loss`` (policy log-probs and entropies with grad, clipped surrogate, KL) with random
-  advantages.
+  advantages;
+- **ORPO** (beta 0.1): ``pairs`` chosen + rejected sequences through ``compute_loss`` of TRL's
+  ``trl.experimental.orpo.ORPOTrainer`` for plain (which builds the full logits) and of ``fastft.rl.ORPOTrainer``
+  (the same objective from hidden states) for fastft.
 
 Counted, per step (as ``benchmarks/memory.py`` counts): **saved activations**, the bytes autograd keeps from forward
 to backward, each storage once, parameters and buffers excluded (:class:`fastft.bench.step.ActivationMeter`);
@@ -25,7 +28,7 @@ to backward, each storage once, parameters and buffers excluded (:class:`fastft.
 in forward or backward (a ``TorchDispatchMode``), other than a parameter; the **loss**, which must agree between the
 contenders (same weights, same batch). The ratio is fastft / plain saved activations.
 
-    python benchmarks/rl_memory.py [--json PATH] [--markdown] [--methods dpo,grpo]
+    python benchmarks/rl_memory.py [--json PATH] [--markdown] [--methods dpo,grpo,orpo]
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from fastft.rl import trl_integration
 
 CONTENDERS = ("plain", "fastft")
 LABELS = {"plain": "transformers + PEFT", "fastft": "fastft"}
-METHODS = ("dpo", "grpo")
+METHODS = ("dpo", "grpo", "orpo")
 
 
 @dataclass(frozen=True)
@@ -78,10 +81,11 @@ class RLConfig:
     completion: int = 384
 
     def sequences(self, method: str) -> int:
-        return 2 * self.pairs if method == "dpo" else self.generations
+        return 2 * self.pairs if method in ("dpo", "orpo") else self.generations
 
     def describe(self, method: str) -> str:
-        what = f"{self.pairs} chosen/rejected pairs" if method == "dpo" else f"{self.generations} completions"
+        pairs = method in ("dpo", "orpo")
+        what = f"{self.pairs} chosen/rejected pairs" if pairs else f"{self.generations} completions"
         m = self.model
         return (
             f"Llama ({m.layers} layers, hidden {m.hidden}, intermediate {m.intermediate}, {m.heads}/{m.kv_heads} "
@@ -181,7 +185,35 @@ def _grpo_step(model: nn.Module, config: RLConfig, device: torch.device, output_
     return step
 
 
-_STEPS = {"dpo": _dpo_step, "grpo": _grpo_step}
+def _orpo_step(model: nn.Module, config: RLConfig, device: torch.device, output_dir: str) -> Callable[[], torch.Tensor]:
+    """ORPO: TRL's ``trl.experimental.orpo.ORPOTrainer`` for plain, ``fastft.rl.ORPOTrainer`` for fastft."""
+    from datasets import Dataset
+
+    if hasattr(model, "fastft_report"):
+        from fastft.rl import ORPOConfig, ORPOTrainer
+    else:
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    # Text whose tokens reach the configured lengths (the shipped tokenizer: ~1 token per short word; its ids are
+    # < 2048, so the model's vocabulary must be at least that).
+    words = [f" w{i % 97}" for i in range(config.prompt + config.completion)]
+    text = {
+        "prompt": ["".join(words[: config.prompt])] * config.pairs,
+        "chosen": ["".join(words[config.prompt :])] * config.pairs,
+        "rejected": ["".join(reversed(words[config.prompt :]))] * config.pairs,
+    }
+    args = ORPOConfig(
+        **_common_args(output_dir, config.pairs),
+        beta=0.1,
+        max_length=config.prompt + config.completion,
+        max_completion_length=config.completion,
+    )
+    trainer = ORPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict(text), processing_class=_tokenizer())
+    batch = next(iter(trainer.get_train_dataloader()))
+    return lambda: trainer.compute_loss(trainer.model, batch)
+
+
+_STEPS = {"dpo": _dpo_step, "grpo": _grpo_step, "orpo": _orpo_step}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -334,7 +366,8 @@ def markdown(report: dict) -> str:
         "",
         (
             f"Inside TRL {meta['trl']}'s own DPOTrainer / GRPOTrainer (`compute_loss` + `backward()` of one step, "
-            f"reference log-probs with the adapters disabled); {meta['device']}, torch {meta['torch']}, fastft on its "
+            "reference log-probs with the adapters disabled) and ORPO (trl.experimental's trainer for plain, "
+            f"fastft.rl.ORPOTrainer for fastft); {meta['device']}, torch {meta['torch']}, fastft on its "
             f"{meta['backend']}; {meta['date']}. Saved activations: bytes autograd keeps for backward, each storage "
             "once, parameters excluded. B x T x V: a tensor with at least sequences x tokens x vocabulary elements "
             "saved or created anywhere in the step. On a CPU TRL's fused head scores every position (Triton "
