@@ -189,16 +189,7 @@ def _chunked_loss_and_grads(
     losses = torch.empty(n_rows, dtype=acc_dtype, device=h.device)
     write_grad = grad_hidden is not None or grad_weight is not None or grad_bias is not None
     rows = _chunk_rows(n_rows, vocab, h.element_size(), grad_weight is not None, h.shape[1])
-    # One logits buffer for every chunk (the last one uses its first rows): a single (C, V) allocation.
-    logits_buffer = torch.empty(min(rows, n_rows), vocab, dtype=h.dtype, device=h.device)
-    for start in range(0, n_rows, rows):
-        stop = min(start + rows, n_rows)
-        h_chunk, logits = h[start:stop], logits_buffer[: stop - start]
-        # The lm_head matmul, as F.linear runs it: cuBLAS, fp32 accumulation, output in the model dtype.
-        if bias is None:
-            torch.mm(h_chunk, weight.t(), out=logits)
-        else:
-            torch.addmm(bias, h_chunk, weight.t(), out=logits)
+    for start, stop, h_chunk, logits in _logit_chunks(h, weight, bias, rows):
         # Loss per row; with write_grad the logits become G = d loss_i / d x_i in place (no second buffer).
         losses[start:stop] = _cross_entropy_rows(
             logits,
@@ -212,13 +203,35 @@ def _chunked_loss_and_grads(
             continue
         if row_scale is not None:
             logits.mul_(row_scale[start:stop, None])  # fp32 product, one rounding to the model dtype
-        if grad_hidden is not None:
-            torch.mm(logits, weight, out=grad_hidden[start:stop])
-        if grad_weight is not None:
-            _accumulate_weight_grad(grad_weight, logits, h_chunk)
-        if grad_bias is not None:
-            grad_bias.add_(logits.sum(0, dtype=grad_bias.dtype))
+        _chunk_gradients(logits, weight, h_chunk, grad_hidden, grad_weight, grad_bias, start)
     return losses
+
+
+def _logit_chunks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
+    """Yield ``(start, stop, h_chunk, logits)`` per chunk of ``rows`` tokens: the chunk's lm_head logits, written
+    into one (C, V) buffer reused by every chunk (the last uses its first rows): a single allocation."""
+    n_rows, vocab = h.shape[0], weight.shape[0]
+    buffer = torch.empty(min(rows, n_rows), vocab, dtype=h.dtype, device=h.device)
+    for start in range(0, n_rows, rows):
+        stop = min(start + rows, n_rows)
+        h_chunk, logits = h[start:stop], buffer[: stop - start]
+        # The lm_head matmul, as F.linear runs it: cuBLAS, fp32 accumulation, output in the model dtype.
+        if bias is None:
+            torch.mm(h_chunk, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, h_chunk, weight.t(), out=logits)
+        yield start, stop, h_chunk, logits
+
+
+def _chunk_gradients(grad_logits, weight, h_chunk, grad_hidden, grad_weight, grad_bias, start: int) -> None:
+    """A chunk's share of the head's gradients from its logits' gradient G (C, V): ``G @ W`` into rows ``start:``
+    of grad_hidden, ``G.T @ h`` and ``G.sum(0)`` accumulated into grad_weight and grad_bias (each if given)."""
+    if grad_hidden is not None:
+        torch.mm(grad_logits, weight, out=grad_hidden[start : start + grad_logits.shape[0]])
+    if grad_weight is not None:
+        _accumulate_weight_grad(grad_weight, grad_logits, h_chunk)
+    if grad_bias is not None:
+        grad_bias.add_(grad_logits.sum(0, dtype=grad_bias.dtype))
 
 
 def _weight_grad_buffer(weight: torch.Tensor) -> torch.Tensor:

@@ -66,9 +66,10 @@ from fastft.kernels._dispatch import use_triton
 from fastft.kernels._spec import AuditCase, Ptr
 from fastft.kernels.cross_entropy import _checked_labels, _transform
 from fastft.kernels.fused_linear_cross_entropy import (
-    _accumulate_weight_grad,
     _bias_grad_buffer,
+    _chunk_gradients,
     _chunk_rows,
+    _logit_chunks,
     _weight_grad_buffer,
 )
 
@@ -351,24 +352,14 @@ def _chunked_pass(h, weight, bias, labels, opts: _Options, *, grad_h=None, grad_
     out = _new_outputs(n_rows, acc, h.device, want)
     grads = grad_h is not None or grad_w is not None or grad_b is not None
     rows = _chunk_rows(n_rows, vocab, h.element_size(), grad_w is not None, None)
-    buffer = torch.empty(min(rows, n_rows), vocab, dtype=h.dtype, device=h.device)
-    for start in range(0, n_rows, rows):
-        stop = min(start + rows, n_rows)
-        h_chunk, logits = h[start:stop], buffer[: stop - start]
-        if bias is None:
-            torch.mm(h_chunk, weight.t(), out=logits)
-        else:
-            torch.addmm(bias, h_chunk, weight.t(), out=logits)
+    for start, stop, h_chunk, logits in _logit_chunks(h, weight, bias, rows):
         part = [None if o is None else o[start:stop] for o in out]
+        # The outputs; with gradients asked for, the logits become G (module docstring) in place.
         _rows(logits, labels[start:stop], want, part,
               g_logp[start:stop] if torch.is_tensor(g_logp) else (g_logp if grads else None),
               None if g_ent is None or not grads else g_ent[start:stop])  # fmt: skip
-        if grad_h is not None:
-            torch.mm(logits, weight, out=grad_h[start:stop])
-        if grad_w is not None:
-            _accumulate_weight_grad(grad_w, logits, h_chunk)
-        if grad_b is not None:
-            grad_b.add_(logits.sum(0, dtype=grad_b.dtype))
+        if grads:
+            _chunk_gradients(logits, weight, h_chunk, grad_h, grad_w, grad_b, start)
     return out
 
 
