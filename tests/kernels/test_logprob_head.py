@@ -235,3 +235,31 @@ def test_errors_speak_to_the_user(kwargs, error, match):
 def test_audit_cases_cover_every_launch_mode():
     names = {case.name for case in audit_cases()}
     assert names == {"logprob_rows_outputs", "logprob_rows_forward_grad", "logprob_rows_backward_grad"}
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_frozen_head_allocates_nothing_vocabulary_by_hidden(be):
+    """No (V, H) gradient buffer (nor any other tensor that large) when the weight is frozen; one when it trains."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class LargestOutput(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs)) if torch.is_tensor(a)}
+            for t in tree_leaves(out):  # new storage only: views (weight.t()) and in-place results allocate nothing
+                if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in inputs:
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    n, h, v = 6, 32, 400  # V x H = 12800 elements, far more than any (N, V) or (N, H) tensor here
+    hidden, weight, _, labels = make_inputs((n,), h, v, seed=4)
+    for train_w in (False, True):
+        hid, w = hidden.float().requires_grad_(), weight.float().requires_grad_(train_w)
+        with LargestOutput() as watch, backend(be):
+            linear_log_probs(hid, w, labels, entropy=True).log_probs.sum().backward()
+        assert (watch.largest >= v * h) == train_w, (train_w, watch.largest)
