@@ -12,6 +12,10 @@ calls through fastft's kernel (counted) and every plain run through TRL's own.
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,3 +269,28 @@ def test_lora_on_the_output_head_is_refused_not_ignored():
         expected = saved(input_ids=ids).logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
         got = causal_log_probs(saved, ids).log_probs
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_hooks_install_when_trl_is_imported_after_patching():
+    """In a fresh interpreter: patch first, import TRL later; the hooks land right after TRL's utilities load."""
+    script = """
+import sys
+import fastft
+from tests.rl.tiny import tiny_llama
+fastft.patch(tiny_llama(0))
+assert "trl.trainer.utils" not in sys.modules
+import trl.trainer.dpo_trainer as dpo
+import trl.trainer.utils as utils
+from fastft.rl import trl_integration
+assert isinstance(utils._ChunkedLogProbFunction, trl_integration._Dispatcher)
+assert getattr(dpo.create_model_from_path, "_fastft_hook", False)
+assert dpo.create_model_from_path is utils.create_model_from_path
+assert not any(isinstance(f, trl_integration._InstallAfterImport) for f in sys.meta_path)
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300, env=env, cwd=root
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
