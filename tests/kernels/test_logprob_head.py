@@ -263,3 +263,43 @@ def test_frozen_head_allocates_nothing_vocabulary_by_hidden(be):
         with LargestOutput() as watch, backend(be):
             linear_log_probs(hid, w, labels, entropy=True).log_probs.sum().backward()
         assert (watch.largest >= v * h) == train_w, (train_w, watch.largest)
+
+
+@pytest.mark.parametrize(
+    "train_w, grad, fastft_gemms, trl_gemms", [(False, True, 2, 3), (True, True, 4, 4), (False, False, 1, 1)]
+)
+def test_head_gemms_against_trls_chunked_function(train_w, grad, fastft_gemms, trl_gemms):
+    """Counted exactly: the (N, V, H) matmuls of forward + backward, fastft's head against TRL's
+    ``ChunkedLogProbFunction`` (what TRL's trainers run). A frozen head (LoRA, reference) saves one of three."""
+    trl_kernels = pytest.importorskip("trl.kernels")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+
+    class HeadGemms(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.flops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            packet = func.overloadpacket
+            if packet in (aten.mm, aten.addmm, aten.addmm_):
+                a, b = (args[0], args[1]) if packet is aten.mm else (args[1], args[2])
+                self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+            return func(*args, **(kwargs or {}))
+
+    n, h, v = 64, 16, 500
+    hidden, weight, _, labels = make_inputs((n,), h, v, seed=6, ignore_frac=0.0)
+    counts = {}
+    for name in ("fastft", "trl"):
+        hid, w = hidden.float().requires_grad_(grad), weight.float().requires_grad_(train_w and grad)
+        with HeadGemms() as gemms, backend("torch"):
+            if name == "fastft":
+                log_probs = linear_log_probs(hid, w, labels, entropy=True).log_probs
+            else:
+                args = (hid, w, None, labels, 1.0, 32768, None, 1.0, ("log_probs", "entropy"))
+                log_probs = trl_kernels.ChunkedLogProbFunction.apply(*args)[0]
+            if grad:
+                log_probs.sum().backward()
+        counts[name] = gemms.flops / (2 * n * v * h)
+    assert counts == {"fastft": fastft_gemms, "trl": trl_gemms}
