@@ -1,4 +1,5 @@
-"""The ``fastft`` console script: ``fastft bench [...]`` (and ``fastft bench gpu [...]``), ``fastft --version``."""
+"""The ``fastft`` console script: ``fastft bench [...]`` (and ``fastft bench gpu [...]``), ``fastft plan [...]``,
+``fastft --version``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import sys
 
 import fastft
 
-COMMANDS = {"bench": "compare fastft with transformers + PEFT on a LoRA training run (fastft bench --help)"}
+COMMANDS = {
+    "bench": "compare fastft with transformers + PEFT on a LoRA training run (fastft bench --help)",
+    "plan": "memory per GPU of a fine-tuning run, with and without fastft, sharded or not (fastft plan --help)",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastft.bench.__main__ import main as bench
 
         return bench(argv[1:])
+    if argv[:1] == ["plan"]:
+        from fastft.distributed.planner import main as plan
+
+        return plan(argv[1:], prog="fastft plan")
     parser = argparse.ArgumentParser(
         prog="fastft",
         description="fastft command line. Commands: " + "; ".join(f"{name}: {text}" for name, text in COMMANDS.items()),

@@ -373,6 +373,14 @@ class FastModel:
             raise TypeError("get_peft_model: the model already has adapters (it is a PeftModel); pass the base model")
         if getattr(model, "config", None) is None:
             raise TypeError(f"get_peft_model expects a transformers PreTrainedModel, got {type(model).__name__}")
+        from torch.distributed.fsdp import FSDPModule
+
+        if any(isinstance(module, FSDPModule) for module in model.modules()):
+            raise TypeError(
+                "get_peft_model: the model is already sharded (fastft.distributed.shard / fully_shard), and FSDP2 "
+                "only manages the parameters present when it ran; add adapters before sharding: get_peft_model "
+                "first, then shard()"
+            )
         mode = normalize_checkpointing_mode(use_gradient_checkpointing)
         fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
         unknown = sorted(set(kwargs) - fields)

@@ -28,6 +28,7 @@ from fastft.kernels.rope import rope
 from fastft.kernels.swiglu import swiglu
 from fastft.models.projections import read_projection
 from fastft.models.recognize import AttentionLayout, MLPLayout
+from fastft.models.zero3 import gathered_head
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
 
@@ -266,15 +267,16 @@ class FastCausalLM:
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=kwargs.get("ignore_index", -100))[..., 1:]
         config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
-        loss = fused_linear_cross_entropy(
-            hidden,
-            linear.weight,
-            shift_labels.to(hidden.device),
-            bias=linear.bias,
-            ignore_index=kwargs.get("ignore_index", -100),
-            softcap=getattr(config, "final_logit_softcapping", None),
-            num_items_in_batch=kwargs.get("num_items_in_batch"),
-        )
+        with gathered_head(linear.weight, linear.bias):  # DeepSpeed ZeRO-3 partitions the head between uses
+            loss = fused_linear_cross_entropy(
+                hidden,
+                linear.weight,
+                shift_labels.to(hidden.device),
+                bias=linear.bias,
+                ignore_index=kwargs.get("ignore_index", -100),
+                softcap=getattr(config, "final_logit_softcapping", None),
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
         fields = {k: v for k, v in out.items() if k not in ("logits", "loss")}
         out = type(out)(loss=loss, **fields)
         return out.to_tuple() if return_dict is False else out

@@ -8,11 +8,15 @@ batch x seq x vocab logits tensor is ever created.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from fastft.kernels.logprob_head import LogProbs, linear_log_probs
 from fastft.models.layers import head_linear
+from fastft.models.zero3 import gathered_head
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -88,18 +92,25 @@ def head_log_probs(
     lm = _causal_lm(model)
     linear = output_linear(model)
     weight, bias = linear.weight, linear.bias
+    if isinstance(weight, DTensor):
+        raise NotImplementedError(
+            "fastft.rl: the model is sharded with FSDP2 and its head weight was read outside the model's forward, "
+            "where it is still a shard. Score tokens with fastft.rl.causal_log_probs (it runs inside the root "
+            "unit), or inside a forward; fastft.rl's PPO/ORPO/CPO trainers do not support FSDP2 yet (use DDP)."
+        )
     softcap, logit_scale = head_transform(lm.config)
-    return linear_log_probs(
-        hidden.to(weight.device),
-        weight,
-        labels.to(weight.device),
-        bias,
-        temperature=temperature,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        entropy=entropy,
-        stats=stats,
-    )
+    with gathered_head(weight, bias):  # DeepSpeed ZeRO-3 partitions the head between uses
+        return linear_log_probs(
+            hidden.to(weight.device),
+            weight,
+            labels.to(weight.device),
+            bias,
+            temperature=temperature,
+            softcap=softcap,
+            logit_scale=logit_scale,
+            entropy=entropy,
+            stats=stats,
+        )
 
 
 def causal_log_probs(
@@ -120,5 +131,23 @@ def causal_log_probs(
     """
     if labels is None:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
-    hidden = backbone_hidden_states(model, input_ids, attention_mask, **model_kwargs)
-    return head_log_probs(model, hidden[:, :-1], labels[:, 1:], temperature=temperature, entropy=entropy, stats=stats)
+
+    def compute(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor) -> tuple:
+        hidden = backbone_hidden_states(model, input_ids, attention_mask, **model_kwargs)
+        out = head_log_probs(
+            model, hidden[:, :-1], labels[:, 1:], temperature=temperature, entropy=entropy, stats=stats
+        )
+        return tuple(getattr(out, f.name) for f in dataclasses.fields(out))
+
+    # A model sharded by fastft.distributed.shard (FSDP2): the backbone and the head's weight are read outside
+    # any module forward here, so run them through the root's registered forward method, which all-gathers the
+    # root's parameters (embeddings, head) first and reduce-scatters their gradients in backward.
+    sharded_forward = getattr(model, "_fastft_log_probs_forward", None)
+    if sharded_forward is not None:
+        # FSDP2 hooks the outputs for its backward and warns about views (an in-place op would drop the hook):
+        # hand it copies of the (batch, seq - 1) views, a few bytes per token.
+        def compute_owned(*args: torch.Tensor | None) -> tuple:
+            return tuple(t.clone() if t is not None and t._base is not None else t for t in compute(*args))
+
+        return LogProbs(*sharded_forward(compute_owned, input_ids, attention_mask, labels))
+    return LogProbs(*compute(input_ids, attention_mask, labels))
