@@ -36,9 +36,7 @@ from torch.distributed.fsdp import (
 
 from fastft.distributed.trainer import forbid_ddp
 from fastft.models.patch import causal_lm
-
-# The root method the log-prob head runs through (see fastft.rl.heads.causal_log_probs).
-LOG_PROBS_METHOD = "_fastft_log_probs_forward"
+from fastft.rl.heads import LOG_PROBS_METHOD  # the root method fastft.rl.heads.run_in_root runs through
 
 
 def _require_process_group() -> None:

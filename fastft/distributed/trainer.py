@@ -170,6 +170,9 @@ def _save_model(trainer: Any, output_dir: str | None = None, _internal_call: boo
     export(model, output_dir, trainer.processing_class, save_method=method)  # a collective; ends with a barrier
     if trainer.args.should_save:
         torch.save(trainer.args, f"{output_dir}/training_args.bin")
+        value_head = getattr(trainer, "value_head", None)  # fastft.rl.PPOTrainer's: replicated, saved as it is
+        if value_head is not None:
+            value_head.save_pretrained(output_dir)
 
 
 def prepare_trainer(trainer: Any) -> Any:

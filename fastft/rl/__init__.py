@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from fastft.rl.heads import backbone_hidden_states, causal_log_probs, head_log_probs, head_transform
+from fastft.rl.heads import backbone_hidden_states, causal_log_probs, head_log_probs, head_transform, run_in_root
 
 _TRAINERS = {
     "PPOTrainer": "fastft.rl.ppo_trainer",
@@ -35,6 +35,7 @@ __all__ = [
     "causal_log_probs",
     "head_log_probs",
     "head_transform",
+    "run_in_root",
 ]
 
 

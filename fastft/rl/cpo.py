@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastft.rl.heads import head_log_probs
+from fastft.rl.heads import head_log_probs, run_in_root
 from fastft.rl.orpo import _check_decoder_only, _import_trl, _mean_logits, _pair_hidden_states, _sequence_log_probs
 
 _TRLCPOTrainer, CPOConfig = _import_trl("cpo", ("CPOTrainer", "CPOConfig"))
@@ -51,15 +51,21 @@ class CPOTrainer(_TRLCPOTrainer):
         n_chosen = batch["chosen_labels"].shape[0]
         targets = cat["concatenated_labels"][:, 1:]  # position t scores token t+1; prompt and padding are -100
         mask = targets != -100
+
+        def compute(input_ids, attention_mask, targets) -> tuple:
+            # One function for backbone and head: run_in_root runs it under an FSDP2 root unit's all-gather.
+            hidden = _pair_hidden_states(self, model, input_ids, attention_mask)
+            return head_log_probs(model, hidden[:, :-1], targets).log_probs, _mean_logits(model, hidden)
+
         with self.accelerator.autocast():  # what accelerate runs model.forward in under bf16/fp16 mixed precision
-            hidden = _pair_hidden_states(self, model, cat["concatenated_input_ids"], cat["concatenated_attention_mask"])
-            token_log_probs = head_log_probs(model, hidden[:, :-1], targets).log_probs
+            token_log_probs, mean_logits = run_in_root(
+                model, compute, cat["concatenated_input_ids"], cat["concatenated_attention_mask"], targets
+            )
         if self.cpo_alpha == 0:
             nll_loss = torch.tensor(0.0).to(self.accelerator.device)
         else:  # nn.CrossEntropyLoss's mean over the chosen rows' labelled tokens
             nll_loss = -token_log_probs[:n_chosen].sum() / mask[:n_chosen].sum()
         all_logps = _sequence_log_probs(token_log_probs, mask, average=self.loss_type in ("ipo", "simpo"))
-        mean_logits = _mean_logits(model, hidden)
         return (
             all_logps[:n_chosen],
             all_logps[n_chosen:],

@@ -9,6 +9,7 @@ batch x seq x vocab logits tensor is ever created.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from torch.distributed.tensor import DTensor
 from fastft.kernels.logprob_head import LogProbs, linear_log_probs
 from fastft.models.layers import head_linear
 from fastft.models.zero3 import gathered_head
+
+# The root method fastft.distributed.shard registers with FSDP2 (register_fsdp_forward_method) for run_in_root.
+LOG_PROBS_METHOD = "_fastft_log_probs_forward"
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -95,8 +99,9 @@ def head_log_probs(
     if isinstance(weight, DTensor):
         raise NotImplementedError(
             "fastft.rl: the model is sharded with FSDP2 and its head weight was read outside the model's forward, "
-            "where it is still a shard. Score tokens with fastft.rl.causal_log_probs (it runs inside the root "
-            "unit), or inside a forward; fastft.rl's PPO/ORPO/CPO trainers do not support FSDP2 yet (use DDP)."
+            "where it is still a shard. Run the backbone and the head together inside "
+            "fastft.rl.heads.run_in_root(model, compute, *tensors) (as causal_log_probs and fastft.rl's "
+            "PPO/ORPO/CPO trainers do), which runs them under the root unit's all-gather."
         )
     softcap, logit_scale = head_transform(lm.config)
     with gathered_head(weight, bias):  # DeepSpeed ZeRO-3 partitions the head between uses
@@ -111,6 +116,28 @@ def head_log_probs(
             entropy=entropy,
             stats=stats,
         )
+
+
+def run_in_root(model: nn.Module, compute: Callable[..., tuple], *tensors: torch.Tensor | None) -> tuple:
+    """``compute(*tensors)`` (a tuple of tensors or None), under the root unit's FSDP2 hooks if the model is sharded.
+
+    Code that calls the backbone and reads the head's weight itself (not inside one module's ``forward``) must
+    do both in one ``compute``. On a model sharded by :func:`fastft.distributed.shard` it runs through the root's
+    registered forward method (``_fastft_log_probs_forward``): FSDP2 all-gathers the root's parameters
+    (embeddings, final norm, head) first and reduce-scatters their gradients in backward. Any other model runs
+    ``compute`` directly. Modules called inside ``compute`` that FSDP2 shards on their own (the decoder layers)
+    gather themselves as usual; parameters FSDP2 does not manage (PPO's value head) get no gradient reduction.
+    """
+    sharded_forward = getattr(model, LOG_PROBS_METHOD, None)
+    if sharded_forward is None:
+        return tuple(compute(*tensors))
+
+    # FSDP2 hooks the outputs for its backward and warns about views (an in-place op would drop the hook):
+    # hand it copies of views (the (batch, seq - 1) slices of the head's outputs: a few bytes per token).
+    def compute_owned(*args: torch.Tensor | None) -> tuple:
+        return tuple(t.clone() if isinstance(t, torch.Tensor) and t._base is not None else t for t in compute(*args))
+
+    return tuple(sharded_forward(compute_owned, *tensors))
 
 
 def causal_log_probs(
@@ -139,15 +166,6 @@ def causal_log_probs(
         )
         return tuple(getattr(out, f.name) for f in dataclasses.fields(out))
 
-    # A model sharded by fastft.distributed.shard (FSDP2): the backbone and the head's weight are read outside
-    # any module forward here, so run them through the root's registered forward method, which all-gathers the
-    # root's parameters (embeddings, head) first and reduce-scatters their gradients in backward.
-    sharded_forward = getattr(model, "_fastft_log_probs_forward", None)
-    if sharded_forward is not None:
-        # FSDP2 hooks the outputs for its backward and warns about views (an in-place op would drop the hook):
-        # hand it copies of the (batch, seq - 1) views, a few bytes per token.
-        def compute_owned(*args: torch.Tensor | None) -> tuple:
-            return tuple(t.clone() if t is not None and t._base is not None else t for t in compute(*args))
-
-        return LogProbs(*sharded_forward(compute_owned, input_ids, attention_mask, labels))
-    return LogProbs(*compute(input_ids, attention_mask, labels))
+    # The backbone and the head's weight are read outside any module forward: on an FSDP2-sharded model they
+    # must run under the root unit's hooks (run_in_root).
+    return LogProbs(*run_in_root(model, compute, input_ids, attention_mask, labels))

@@ -32,7 +32,14 @@ import warnings
 import torch
 from torch import nn
 
-from fastft.rl.heads import _causal_lm, backbone_hidden_states, head_log_probs, head_transform, output_linear
+from fastft.rl.heads import (
+    _causal_lm,
+    backbone_hidden_states,
+    head_log_probs,
+    head_transform,
+    output_linear,
+    run_in_root,
+)
 
 
 def _import_trl(module: str, names: tuple[str, ...]) -> tuple:
@@ -93,14 +100,16 @@ def _mean_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     head = output_linear(model)
     softcap, logit_scale = head_transform(_causal_lm(model).config)
     weight, bias = head.weight, head.bias
-    if softcap is not None:
-        labels = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=weight.device)  # every position live
-        return head_log_probs(model, hidden, labels, stats=True).mean_logits
-    mean_row = weight.mean(0, dtype=torch.float32)
-    out = hidden.to(device=weight.device, dtype=torch.float32) @ mean_row
-    if bias is not None:
-        out = out + bias.mean(dtype=torch.float32)
-    return out if logit_scale is None else out * logit_scale
+    # A metric, computed in fp32 outside the trainer's mixed-precision autocast (the head pass runs inside it).
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        if softcap is not None:
+            labels = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=weight.device)  # every position live
+            return head_log_probs(model, hidden, labels, stats=True).mean_logits
+        mean_row = weight.mean(0, dtype=torch.float32)
+        out = hidden.to(device=weight.device, dtype=torch.float32) @ mean_row
+        if bias is not None:
+            out = out + bias.mean(dtype=torch.float32)
+        return out if logit_scale is None else out * logit_scale
 
 
 # ------------------------------------------------------------------------------------------------- trainer
@@ -139,20 +148,30 @@ class ORPOTrainer(_TRLORPOTrainer):
         # One pass serves both terms when every labelled chosen token is also an NLL target (TRL's tokenisation);
         # otherwise the chosen rows are scored again against their labels.
         rescore = bool((or_mask[:n_chosen] & (or_targets[:n_chosen] != nll_targets)).any())
-        with self.accelerator.autocast():  # what accelerate runs model.forward in under bf16/fp16 mixed precision
+        targets = torch.cat([nll_targets, or_targets[n_chosen:]])
+
+        def compute(input_ids, attention_mask, targets, chosen_or_targets) -> tuple:
+            # Backbone and head in one function: on an FSDP2-sharded model run_in_root runs it under the root
+            # unit's all-gather (the head's weight is a shard outside it).
             hidden = _pair_hidden_states(self, model, input_ids, attention_mask)[:, :-1]
-            targets = torch.cat([nll_targets, or_targets[n_chosen:]])
             token_log_probs = head_log_probs(model, hidden, targets).log_probs
-            chosen_nll_scores = token_log_probs[:n_chosen]
             if rescore:
-                chosen_or_scores = head_log_probs(model, hidden[:n_chosen], or_targets[:n_chosen]).log_probs
+                chosen_or_scores = head_log_probs(model, hidden[:n_chosen], chosen_or_targets).log_probs
             else:
-                chosen_or_scores = chosen_nll_scores
+                chosen_or_scores = None
+            return token_log_probs, chosen_or_scores, _mean_logits(model, hidden)
+
+        with self.accelerator.autocast():  # what accelerate runs model.forward in under bf16/fp16 mixed precision
+            token_log_probs, chosen_or_scores, mean_logits = run_in_root(
+                model, compute, input_ids, attention_mask, targets, or_targets[:n_chosen]
+            )
+        chosen_nll_scores = token_log_probs[:n_chosen]
+        if chosen_or_scores is None:
+            chosen_or_scores = chosen_nll_scores
         chosen_nll_loss = -chosen_nll_scores.sum() / (nll_targets != -100).sum()  # nn.CrossEntropyLoss's mean
         all_logps = _sequence_log_probs(
             torch.cat([chosen_or_scores, token_log_probs[n_chosen:]]), or_mask, average=True
         )
-        mean_logits = _mean_logits(model, hidden)
         return (
             all_logps[:n_chosen],
             all_logps[n_chosen:],

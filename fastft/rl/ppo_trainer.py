@@ -33,7 +33,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from transformers import (
     AutoModelForSequenceClassification,
@@ -50,7 +53,7 @@ try:
 except ImportError as err:  # trl is optional for fastft; PPOTrainer uses its dataset conventions
     raise ImportError("fastft.rl.PPOTrainer follows TRL's dataset conventions and needs TRL: pip install trl") from err
 
-from fastft.rl.heads import backbone_hidden_states, head_log_probs
+from fastft.rl.heads import backbone_hidden_states, head_log_probs, run_in_root
 from fastft.rl.ppo_config import PPOConfig
 from fastft.rl.ppo_losses import (
     gae_advantages,
@@ -81,12 +84,18 @@ def completion_scores(
     ``input_ids`` is the left-padded prompt followed by the C completion tokens. One backbone forward: hidden state
     t of the completion (the one before its token t) feeds both fastft's log-prob head and the value head.
     """
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens
-    hidden = backbone_hidden_states(model, input_ids, attention_mask, position_ids=position_ids)
-    hidden = hidden[:, -labels.shape[1] - 1 : -1]
-    out = head_log_probs(model, hidden, labels, temperature=temperature, entropy=entropy)
-    values = value_head(hidden) if value_head is not None else None
-    return out.log_probs, out.entropy, values
+
+    def compute(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple:
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens
+        hidden = backbone_hidden_states(model, input_ids, attention_mask, position_ids=position_ids)
+        hidden = hidden[:, -labels.shape[1] - 1 : -1]
+        out = head_log_probs(model, hidden, labels, temperature=temperature, entropy=entropy)
+        values = value_head(hidden) if value_head is not None else None
+        return out.log_probs, out.entropy, values
+
+    # Backbone, head and value head in one function: on an FSDP2-sharded policy it runs under the root unit's
+    # all-gather (run_in_root); the value head's parameters are not FSDP2's (see PPOTrainer._sync_value_head).
+    return run_in_root(model, compute, input_ids, attention_mask, labels)
 
 
 class _PolicyWithValue(nn.Module):
@@ -121,6 +130,25 @@ def _frozen(model: nn.Module) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
+def _clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over FSDP2's DTensor gradients and plain ones (the value head) together.
+
+    torch's own refuses the mix (its foreach norm and the stack of norms need one kind). The sharded gradients'
+    norm is reduced across shards once (``full_tensor``); the coefficient is torch's, max_norm / (norm + 1e-6)
+    capped at 1. Returns the total norm.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    groups = [[g for g in grads if isinstance(g, DTensor)], [g for g in grads if not isinstance(g, DTensor)]]
+    norms = [torch.nn.utils.get_total_norm(group) for group in groups if group]
+    norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
+    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    coefficient = min(1.0, max_norm / (total.item() + 1e-6))
+    for group in groups:
+        if group and coefficient < 1.0:
+            torch._foreach_mul_(group, coefficient)
+    return total
+
+
 def _disable_dropout(model: nn.Module) -> None:
     """Dropout off (modules and attention's float rate), so the update's first ratio is exactly 1."""
     for module in model.modules():
@@ -140,6 +168,9 @@ class PPOTrainer(Trainer):
     config's path). ``ref_model``: the reference for a non-PEFT model (default: a frozen copy of ``model`` made
     here; none when ``kl_coef == 0``). ``value_head``: a :class:`ValueHead` to continue from (default: zeros).
     An optimizer passed in ``optimizers`` gets the value head's parameters added as a param group if it lacks them.
+    FSDP2: shard ``trainer.model`` with :func:`fastft.distributed.shard` and call
+    :func:`fastft.distributed.prepare_trainer` before ``train``; the value head stays replicated, its gradient
+    averaged over the ranks before each step.
     """
 
     def __init__(
@@ -207,6 +238,7 @@ class PPOTrainer(Trainer):
         )
         self._shuffle = torch.Generator().manual_seed(args.seed)
         self._policy_with_value: nn.Module | None = None
+        self._sharded = False  # an FSDP2-sharded policy (set in train)
 
     # ------------------------------------------------------------------------------------------------- set-up
 
@@ -425,12 +457,33 @@ class PPOTrainer(Trainer):
                                         ("policy/approxkl_avg", approx_kl), ("policy/clipfrac_avg", pg_clipfrac),
                                         ("val/clipfrac_avg", vf_clipfrac), ("val/ratio", ratio)):  # fmt: skip
                         stats[name].append(value.item())
-                if args.max_grad_norm:
+                if self._sharded:
+                    self._sync_value_head()
+                if args.max_grad_norm and self._sharded:
+                    _clip_grad_norm(list(self._policy_with_value.parameters()), args.max_grad_norm)
+                elif args.max_grad_norm:
                     self.accelerator.clip_grad_norm_(self._policy_with_value.parameters(), args.max_grad_norm)
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
         return {name: sum(values) / len(values) for name, values in stats.items()}
+
+    def _sync_value_head(self) -> None:
+        """Average the value head's gradients over the ranks of an FSDP2-sharded policy, before clipping and step.
+
+        The value head is not part of the sharded model: FSDP2 reduces only the policy's gradients. It stays a
+        plain module replicated on every rank (H + 1 parameters: sharding it would save nothing worth a second
+        FSDP root) and is kept identical by averaging its gradient over the world, as DDP would: every rank
+        starts from the same (zero) weights and steps the same optimizer on the same averaged gradient.
+        """
+        grads = [p.grad for p in self.value_head.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for weight and bias
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for grad, averaged in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            grad.copy_(averaged.view_as(grad))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
         """Run PPO iterations (rollout, advantages, update) until ``max_steps`` / ``total_episodes``."""
@@ -460,9 +513,22 @@ class PPOTrainer(Trainer):
             self.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or {"use_reentrant": False}
             )
-        self._policy_with_value, self.optimizer = self.accelerator.prepare(
-            _PolicyWithValue(self.model, self.value_head), self.optimizer
-        )
+        policy_with_value = _PolicyWithValue(self.model, self.value_head)
+        self._sharded = isinstance(self.model, FSDPModule)
+        if self._sharded:
+            # FSDP2 (fastft.distributed.shard) averages the policy's gradients; a DDP wrap around it would fail
+            # on its DTensors. Prepared for autocast only; the value head is synchronised by _sync_value_head.
+            if "generate" not in vars(self.model):
+                raise ValueError(
+                    "PPOTrainer: the model is sharded with FSDP2; call fastft.distributed.prepare_trainer(trainer) "
+                    "before trainer.train() (it registers generate with FSDP2, so rollouts run on gathered weights)."
+                )
+            self._policy_with_value = self.accelerator.prepare_model(
+                policy_with_value, device_placement=False, evaluation_mode=True
+            )
+            self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
+        else:
+            self._policy_with_value, self.optimizer = self.accelerator.prepare(policy_with_value, self.optimizer)
         self.callback_handler.optimizer, self.callback_handler.lr_scheduler = self.optimizer, self.lr_scheduler
         self.state.max_steps, self.state.global_step, self.state.epoch = steps, 0, 0.0
         self.state.compute_steps(args, steps)
