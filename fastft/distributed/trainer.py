@@ -97,7 +97,7 @@ def _check_model(model: Any) -> None:
         raise ValueError(
             f"prepare_trainer: the trainer's model ({type(model).__name__}) is not sharded with FSDP2. For DDP "
             "pass the unsharded model to the trainer and launch with torchrun (the trainer wraps it in DDP); for "
-            "FSDP2 call fastft.distributed.shard(model) before building the trainer."
+            "FSDP2 call fastft.distributed.shard(trainer.model) first, then prepare_trainer(trainer)."
         )
     plain = [n for n, p in model.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
     if plain:
