@@ -314,6 +314,61 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------ public function
 
 
+def _checked_head_inputs(caller: str, hidden, weight, labels, bias):
+    """The checks shared by the head functions (this one and ``linear_log_probs``): floating hidden (..., H) and
+    weight (V, H), bias (V,) or None, integer labels of hidden's leading shape, one dtype and one device. Under
+    ``torch.autocast`` the three are cast to the autocast dtype first, as lm_head (F.linear) would run; the casts
+    are autograd ops, so fp32 master weights get their gradient back in fp32. Returns (hidden, weight, bias)."""
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not torch.is_tensor(t) or not t.is_floating_point():
+            raise TypeError(
+                f"{caller}: {name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}"
+            )
+    if weight.dim() != 2:
+        raise ValueError(f"{caller}: weight must be (V, H), got shape {tuple(weight.shape)}")
+    vocab, n_embd = weight.shape
+    if vocab == 0:
+        raise ValueError(f"{caller}: weight has V == 0 rows; the head needs a vocabulary")
+    if hidden.dim() == 0 or hidden.shape[-1] != n_embd:
+        raise ValueError(
+            f"{caller}: hidden must be (..., H) with H = weight.shape[1] = {n_embd}, got shape {tuple(hidden.shape)}"
+        )
+    if bias is not None and (not torch.is_tensor(bias) or tuple(bias.shape) != (vocab,)):
+        raise ValueError(
+            f"{caller}: bias must be None or shape (V,) = ({vocab},), got "
+            f"{tuple(bias.shape) if torch.is_tensor(bias) else type(bias).__name__}"
+        )
+    tensors = (("weight", weight),) + ((("bias", bias),) if bias is not None else ())
+    if torch.is_autocast_enabled(hidden.device.type) and hidden.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        tensors = ()
+    for name, t in tensors:
+        if t.dtype != hidden.dtype:
+            raise TypeError(
+                f"{caller}: {name} is {t.dtype} but hidden is {hidden.dtype}; the head matmul "
+                f"runs in one dtype: cast one of them (e.g. hidden.to({name}.dtype)) or run under torch.autocast"
+            )
+        if t.device != hidden.device:
+            raise ValueError(
+                f"{caller}: {name} is on {t.device} but hidden is on {hidden.device}; move them to one device"
+            )
+    if not torch.is_tensor(labels) or labels.dtype.is_floating_point or labels.dtype.is_complex:
+        raise TypeError(
+            f"{caller}: labels must be an integer tensor of token ids, got "
+            f"{getattr(labels, 'dtype', type(labels).__name__)}"
+        )
+    if labels.dtype == torch.bool:
+        raise TypeError(f"{caller}: labels must be an integer tensor of token ids, got torch.bool")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"{caller}: labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, got "
+            f"{tuple(labels.shape)} (labels are taken already shifted: shift them before the call)"
+        )
+    return hidden, weight, bias
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -337,58 +392,8 @@ def fused_linear_cross_entropy(
     that tensor requires grad (a frozen weight allocates no (V, H) buffer), and autograd keeps only them.
     Labels outside [0, V) raise a ``ValueError`` on CPU; on GPU (no host sync) their loss is NaN.
     """
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        if not torch.is_tensor(t) or not t.is_floating_point():
-            raise TypeError(
-                f"fused_linear_cross_entropy: {name} must be a floating-point tensor, got "
-                f"{getattr(t, 'dtype', type(t).__name__)}"
-            )
-    if weight.dim() != 2:
-        raise ValueError(f"fused_linear_cross_entropy: weight must be (V, H), got shape {tuple(weight.shape)}")
+    hidden, weight, bias = _checked_head_inputs("fused_linear_cross_entropy", hidden, weight, labels, bias)
     vocab, n_embd = weight.shape
-    if vocab == 0:
-        raise ValueError("fused_linear_cross_entropy: weight has V == 0 rows; cross-entropy needs a vocabulary")
-    if hidden.dim() == 0 or hidden.shape[-1] != n_embd:
-        raise ValueError(
-            f"fused_linear_cross_entropy: hidden must be (..., H) with H = weight.shape[1] = {n_embd}, got shape "
-            f"{tuple(hidden.shape)}"
-        )
-    if bias is not None and (not torch.is_tensor(bias) or tuple(bias.shape) != (vocab,)):
-        raise ValueError(
-            f"fused_linear_cross_entropy: bias must be None or shape (V,) = ({vocab},), got "
-            f"{tuple(bias.shape) if torch.is_tensor(bias) else type(bias).__name__}"
-        )
-    tensors = (("weight", weight),) + ((("bias", bias),) if bias is not None else ())
-    if torch.is_autocast_enabled(hidden.device.type) and hidden.dtype != torch.float64:
-        # As lm_head (F.linear) under autocast: the matmuls run in the autocast dtype; the casts are autograd
-        # ops, so fp32 master weights get their gradient back in fp32.
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-        tensors = ()
-    for name, t in tensors:
-        if t.dtype != hidden.dtype:
-            raise TypeError(
-                f"fused_linear_cross_entropy: {name} is {t.dtype} but hidden is {hidden.dtype}; the head matmul "
-                f"runs in one dtype: cast one of them (e.g. hidden.to({name}.dtype)) or run under torch.autocast"
-            )
-        if t.device != hidden.device:
-            raise ValueError(
-                f"fused_linear_cross_entropy: {name} is on {t.device} but hidden is on {hidden.device}; move them "
-                "to one device"
-            )
-    if not torch.is_tensor(labels) or labels.dtype.is_floating_point or labels.dtype.is_complex:
-        raise TypeError(
-            f"fused_linear_cross_entropy: labels must be an integer tensor of token ids, got "
-            f"{getattr(labels, 'dtype', type(labels).__name__)}"
-        )
-    if labels.dtype == torch.bool:
-        raise TypeError("fused_linear_cross_entropy: labels must be an integer tensor of token ids, got torch.bool")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"fused_linear_cross_entropy: labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, got "
-            f"{tuple(labels.shape)} (labels are taken already shifted: shift them before the call)"
-        )
     _check_loss_options("fused_linear_cross_entropy", reduction, num_items_in_batch, softcap, logit_scale)
     flat_labels = _checked_labels("fused_linear_cross_entropy", labels, vocab, ignore_index, hidden.device)
     h = hidden.reshape(-1, n_embd)  # a view when it can be; the matmuls take any strides

@@ -54,6 +54,7 @@ Backward scales A in place, so backward may run once per forward (a second one r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -67,6 +68,7 @@ from fastft.kernels._spec import AuditCase, Ptr
 from fastft.kernels.cross_entropy import _checked_labels, _transform
 from fastft.kernels.fused_linear_cross_entropy import (
     _bias_grad_buffer,
+    _checked_head_inputs,
     _chunk_gradients,
     _chunk_rows,
     _logit_chunks,
@@ -347,8 +349,7 @@ def _chunked_pass(h, weight, bias, labels, opts: _Options, *, grad_h=None, grad_
     """One sweep over token chunks: the outputs, and the gradient products of G(g_logp, g_ent) when asked."""
     n_rows, vocab = h.shape[0], weight.shape[0]
     acc = torch.promote_types(h.dtype, torch.float32)
-    want = opts if outputs else _Options(opts.ignore_index, opts.softcap, opts.logit_scale, opts.temperature,
-                                         False, False)  # fmt: skip
+    want = opts if outputs else dataclasses.replace(opts, entropy=False, stats=False)
     out = _new_outputs(n_rows, acc, h.device, want)
     grads = grad_h is not None or grad_w is not None or grad_b is not None
     rows = _chunk_rows(n_rows, vocab, h.element_size(), grad_w is not None, None)
@@ -444,27 +445,8 @@ class _RecomputedLogProbs(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------ public function
 
 
-def _check_inputs(hidden, weight, labels, bias, temperature, softcap, logit_scale) -> None:
+def _check_options(temperature, softcap, logit_scale) -> None:
     caller = "linear_log_probs"
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        if not torch.is_tensor(t) or not t.is_floating_point():
-            raise TypeError(f"{caller}: {name} must be a floating-point tensor, got "
-                            f"{getattr(t, 'dtype', type(t).__name__)}")  # fmt: skip
-    if weight.dim() != 2 or weight.shape[0] == 0:
-        raise ValueError(f"{caller}: weight must be (V, H) with V > 0, got shape {tuple(weight.shape)}")
-    vocab, n_embd = weight.shape
-    if hidden.dim() == 0 or hidden.shape[-1] != n_embd:
-        raise ValueError(f"{caller}: hidden must be (..., H) with H = weight.shape[1] = {n_embd}, got shape "
-                         f"{tuple(hidden.shape)}")  # fmt: skip
-    if bias is not None and (not torch.is_tensor(bias) or tuple(bias.shape) != (vocab,)):
-        raise ValueError(f"{caller}: bias must be None or shape (V,) = ({vocab},), got "
-                         f"{tuple(bias.shape) if torch.is_tensor(bias) else type(bias).__name__}")  # fmt: skip
-    if not torch.is_tensor(labels) or labels.dtype.is_floating_point or labels.dtype in (torch.bool,):
-        raise TypeError(f"{caller}: labels must be an integer tensor of token ids, got "
-                        f"{getattr(labels, 'dtype', type(labels).__name__)}")  # fmt: skip
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"{caller}: labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, got "
-                         f"{tuple(labels.shape)} (labels are taken already shifted: shift them before the call)")  # fmt: skip
     for name, value, hint in (("temperature", temperature, "1.0 is the model's own distribution"),
                               ("softcap", softcap, "Gemma 2 uses 30.0"),
                               ("logit_scale", logit_scale, "Cohere's logit_scale, or 1 / logits_scaling")):  # fmt: skip
@@ -499,16 +481,8 @@ def linear_log_probs(
     allocates nothing (V, H)-sized. Under ``torch.autocast`` the matmuls run in the autocast dtype, as
     ``lm_head`` would. Labels outside [0, V) raise a ``ValueError`` on CPU; on GPU their log-prob is NaN.
     """
-    _check_inputs(hidden, weight, labels, bias, temperature, softcap, logit_scale)
-    if torch.is_autocast_enabled(hidden.device.type) and hidden.dtype != torch.float64:
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and (t.dtype != hidden.dtype or t.device != hidden.device):
-            raise TypeError(f"linear_log_probs: {name} is {t.dtype} on {t.device} but hidden is {hidden.dtype} on "
-                            f"{hidden.device}; the head matmul runs in one dtype on one device: cast or move one of "
-                            "them (or run under torch.autocast)")  # fmt: skip
+    hidden, weight, bias = _checked_head_inputs("linear_log_probs", hidden, weight, labels, bias)
+    _check_options(temperature, softcap, logit_scale)
     vocab, n_embd = weight.shape
     opts = _Options(int(ignore_index), None if softcap is None else float(softcap),
                     None if logit_scale is None else float(logit_scale), float(temperature), bool(entropy),

@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from fastft.kernels.logprob_head import LogProbs, linear_log_probs
 from fastft.models.layers import head_linear
+from fastft.models.patch import causal_lm
 from fastft.models.zero3 import gathered_head
 
 # The root method fastft.distributed.shard registers with FSDP2 (register_fsdp_forward_method) for run_in_root.
@@ -27,8 +28,7 @@ def _causal_lm(model: nn.Module) -> nn.Module:
     """The transformers model inside PEFT (or accelerate/DDP) wrappers."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, accelerate
         model = model.module
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+    return causal_lm(model)
 
 
 def head_transform(config: object) -> tuple[float | None, float | None]:
