@@ -1,5 +1,5 @@
 """The ``fastft`` console script: ``fastft bench [...]`` (and ``fastft bench gpu [...]``), ``fastft plan [...]``,
-``fastft --version``."""
+``fastft coverage [...]``, ``fastft --version``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import fastft
 COMMANDS = {
     "bench": "compare fastft with transformers + PEFT on a LoRA training run (fastft bench --help)",
     "plan": "memory per GPU of a fine-tuning run, with and without fastft, sharded or not (fastft plan --help)",
+    "coverage": "every causal LM type of the installed transformers, patched and compared (fastft coverage --help)",
 }
 
 
@@ -25,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastft.distributed.planner import main as plan
 
         return plan(argv[1:], prog="fastft plan")
+    if argv[:1] == ["coverage"]:
+        from fastft.models.coverage import main as coverage
+
+        return coverage(argv[1:], prog="fastft coverage")
     parser = argparse.ArgumentParser(
         prog="fastft",
         description="fastft command line. Commands: " + "; ".join(f"{name}: {text}" for name, text in COMMANDS.items()),

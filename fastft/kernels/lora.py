@@ -310,7 +310,9 @@ class LoRAProjectionsFunction(torch.autograd.Function):
         keep_x = any(n[0] or (spec.rank and n[2]) for spec, n in zip(specs, needs))
         ctx.save_for_backward(x if keep_x else None, *_group_saved(specs, params, scaled_xa, masks, need_x, needs))
         ctx.specs, ctx.needs, ctx.x_shape, ctx.dtype = specs, needs, x.shape, x.dtype
-        return tuple(out.view(*x.shape[:-1], spec.out_features) for out, spec in zip(outs, specs))
+        # 2-D outputs: the callers reshape them outside the Function, so that the results are ordinary views
+        # the model may modify in place (a view created inside a custom Function may not be).
+        return tuple(outs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -369,7 +371,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         )
         ctx.specs, ctx.activation, ctx.x_shape, ctx.dtype = specs, activation, x.shape, x.dtype
         ctx.in_needs, ctx.down_needs, ctx.need_act, ctx.need_h = in_needs, down_needs, need_act, need_h
-        return y.view(*x.shape[:-1], specs[-1].out_features)
+        return y  # 2-D; reshaped by lora_mlp outside the Function (see LoRAProjectionsFunction.forward)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -520,7 +522,8 @@ def lora_linear(x: torch.Tensor, proj: LoRAProjection) -> torch.Tensor:
     """
     x, projs = _prepare("lora_linear", x, {"proj": proj})
     spec = _check_projection("lora_linear", "proj", projs["proj"], x.shape[-1], x)
-    return LoRAProjectionsFunction.apply(x, (spec,), *_flat([projs["proj"]]))[0]
+    (out,) = LoRAProjectionsFunction.apply(x, (spec,), *_flat([projs["proj"]]))
+    return out.view(*x.shape[:-1], spec.out_features)
 
 
 def lora_qkv(
@@ -536,7 +539,9 @@ def lora_qkv(
     x, projs = _prepare("lora_qkv", x, {"q": q, "k": k, "v": v})
     specs = tuple(_check_projection("lora_qkv", name, p, x.shape[-1], x) for name, p in projs.items())
     _check_adapter_dtypes("lora_qkv", projs)
-    return LoRAProjectionsFunction.apply(x, specs, *_flat(list(projs.values())))
+    outs = LoRAProjectionsFunction.apply(x, specs, *_flat(list(projs.values())))
+    q_out, k_out, v_out = (out.view(*x.shape[:-1], spec.out_features) for out, spec in zip(outs, specs))
+    return q_out, k_out, v_out
 
 
 def lora_mlp(
@@ -579,7 +584,8 @@ def lora_mlp(
         in_specs, intermediate = (gate_spec, up_spec), gate_spec.out_features
     down_spec = _check_projection("lora_mlp", "down", projs["down"], intermediate, x)
     _check_adapter_dtypes("lora_mlp", projs)
-    return LoRAMLPFunction.apply(x, (*in_specs, down_spec), activation, *_flat(list(projs.values())))
+    y = LoRAMLPFunction.apply(x, (*in_specs, down_spec), activation, *_flat(list(projs.values())))
+    return y.view(*x.shape[:-1], down_spec.out_features)
 
 
 def audit_cases() -> list[AuditCase]:

@@ -5,12 +5,9 @@ that calls a rotary function) is recognised and then checked numerically against
 (see :mod:`fastft.models.recognize`), so a family that is not in this table is still patched where its
 blocks have the known structure. The table holds what structure cannot tell:
 
-- ``norm_offset``: Gemma's RMSNorm multiplies by ``1 + weight`` (checked by the probe as well);
-- ``fused_loss``: the causal-LM head of this family computes ``logits = lm_head(h)`` followed by nothing but
-  an optional final tanh softcap (``config.final_logit_softcapping``). Only then can the loss be computed
-  from the hidden states without the logits; a family with another logit transform (Granite's
-  ``logits_scaling``, Cohere's ``logit_scale``) keeps transformers' own head and loss until it is listed
-  here with that transform;
+- ``norm_offset``: Gemma's RMSNorm multiplies by ``1 + weight``: the probe's first guess (it tries both);
+- the causal-LM head is not listed: whether the loss can be computed from the hidden states, and with which
+  scale and softcap, is probed on each model's own forward (:func:`fastft.models.recognize.probe_head`);
 - ``fused_projections``: names of projections that hold several logical ones (Phi-3's ``qkv_proj`` and
   ``gate_up_proj``), so LoRA ``target_modules`` written for Llama (q/k/v, gate/up) map onto them.
 """
@@ -25,7 +22,6 @@ class Family:
     """Per-family facts that structure alone cannot reveal."""
 
     norm_offset: float = 0.0
-    fused_loss: bool = True
     fused_projections: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
@@ -42,8 +38,8 @@ FAMILIES: dict[str, Family] = {
     "phi3": Family(fused_projections=_PHI3_FUSED),
 }
 
-# An architecture not in the table: layers are still patched where the probes match, the loss is not.
-UNKNOWN = Family(fused_loss=False)
+# An architecture not in the table: patched wherever the probes match (the table only orders their guesses).
+UNKNOWN = Family()
 
 
 def family_of(config: object) -> tuple[str, Family]:

@@ -63,8 +63,15 @@ class FastRMSNorm:
     _fastft_eps_attr: str
     _fastft_offset: float
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if _has_values(args, kwargs):  # a call the probe did not see (an optional argument used): the original
+            return super().forward(hidden_states, *args, **kwargs)
         return rms_norm(hidden_states, self.weight, getattr(self, self._fastft_eps_attr), self._fastft_offset)
+
+
+def _has_values(args: tuple, kwargs: dict) -> bool:
+    """Whether a call passes anything besides the input (optional arguments left at None do not count)."""
+    return any(a is not None for a in args) or any(v is not None for v in kwargs.values())
 
 
 # ------------------------------------------------------------------------------------------------ gated MLP
@@ -81,7 +88,9 @@ class FastGatedMLP:
 
     _fastft_layout: MLPLayout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if _has_values(args, kwargs):
+            return super().forward(x, *args, **kwargs)
         layout = self._fastft_layout
         names = (layout.gate_up, layout.down) if layout.gate_up else (layout.gate, layout.up, layout.down)
         projections = [read_projection(getattr(self, n)) for n in names]
@@ -217,8 +226,21 @@ def head_linear(head: nn.Module) -> nn.Linear | None:
     return None
 
 
+def _router_loss_on(model: nn.Module, kwargs: dict) -> bool:
+    """Whether this call adds a mixture-of-experts router loss (``output_router_logits``, per call or config)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return bool(kwargs.get("output_router_logits", getattr(config, "output_router_logits", False)))
+
+
+def _without_labels(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k != "labels"}
+
+
 class FastCausalLM:
     """A causal LM whose training loss comes from :func:`fused_linear_cross_entropy` on the hidden states.
+
+    ``_fastft_head_transform`` (set by :func:`fastft.patch`, a :class:`~fastft.models.recognize.HeadTransform`) says how
+    the model turns its head's output into logits and a loss: scale, softcap, router auxiliary loss.
 
     With ``labels`` in training mode no (batch, seq, vocab) logits tensor is created and ``logits`` is None in
     the output; without labels, in eval mode, or with ``fastft_return_logits = True`` on the model, the
@@ -251,6 +273,8 @@ class FastCausalLM:
             or linear is None
             or len(args) > 1
             or kwargs.get("logits_to_keep", 0) not in (0, None)
+            or getattr(self, "_fastft_head_transform", None) is None
+            or (_router_loss_on(self, kwargs) and self._fastft_head_transform.aux_loss_coef is None)
         ):
             return super().forward(*args, **kwargs)
         return_dict = kwargs.pop("return_dict", None)
@@ -266,7 +290,12 @@ class FastCausalLM:
         shift_labels = kwargs.get("shift_labels")
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=kwargs.get("ignore_index", -100))[..., 1:]
-        config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        transform = self._fastft_head_transform
+        aux_loss = out.get("aux_loss")
+        if aux_loss is not None and transform.aux_loss_coef is None:
+            # A router loss the probe did not see added (output_router_logits switched on after patching):
+            # transformers' own forward knows how it enters the loss.
+            return super().forward(*args, return_dict=return_dict, labels=labels, **_without_labels(kwargs))
         with gathered_head(linear.weight, linear.bias):  # DeepSpeed ZeRO-3 partitions the head between uses
             loss = fused_linear_cross_entropy(
                 hidden,
@@ -274,9 +303,12 @@ class FastCausalLM:
                 shift_labels.to(hidden.device),
                 bias=linear.bias,
                 ignore_index=kwargs.get("ignore_index", -100),
-                softcap=getattr(config, "final_logit_softcapping", None),
+                softcap=transform.softcap,
+                logit_scale=transform.logit_scale,
                 num_items_in_batch=kwargs.get("num_items_in_batch"),
             )
+        if aux_loss is not None:
+            loss = loss + transform.aux_loss_coef * aux_loss.to(loss.device)
         fields = {k: v for k, v in out.items() if k not in ("logits", "loss")}
         out = type(out)(loss=loss, **fields)
         return out.to_tuple() if return_dict is False else out

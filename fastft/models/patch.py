@@ -1,9 +1,15 @@
 """``fastft.patch(model)``: make an existing transformers (or PEFT-wrapped) causal LM fast, in place.
 
 The walk over the model recognises blocks by structure (:mod:`fastft.models.recognize`), confirms each kind
-with a probe of its own forward, and swaps the instance's class (:mod:`fastft.models.layers`). What could not
-be patched is named in one log line; it keeps running transformers' code, so results stay correct.
-Patching is idempotent: a second call changes nothing and returns the same report.
+with a probe of its own forward, and swaps the instance's class (:mod:`fastft.models.layers`). Nothing a probe
+or a swap does can break a model that plain transformers runs: any exception, and any block whose forward
+takes arguments the fast class does not, leaves that block as it was and is reported with the reason. The
+blocks of the decoder layers that stay on transformers' code are named in one log line and in
+``model.fastft_report``. Patching is idempotent: a second call changes nothing and returns the same report.
+
+Composite (multimodal) models patch their language model, with the text config; the vision tower is left as
+it is. The fused loss is decided per model by probing its own head-and-loss path
+(:func:`fastft.models.recognize.probe_head`), not by its name.
 """
 
 from __future__ import annotations
@@ -17,9 +23,13 @@ from torch import nn
 from fastft.models import layers
 from fastft.models.families import family_of
 from fastft.models.recognize import (
+    HeadTransform,
     attention_layout,
+    forward_takes_one_tensor,
+    is_gated_norm,
     mlp_layout,
     norm_eps_attr,
+    probe_head,
     probe_mlp,
     probe_norm_offset,
     probe_rope,
@@ -29,16 +39,20 @@ from fastft.models.recognize import (
 
 logger = logging.getLogger("fastft")
 
+_FAST_KINDS = (layers.FastRMSNorm, layers.FastGatedMLP, layers.FastAttention)
+
 
 @dataclass
 class PatchReport:
-    """What :func:`patch` did: counts per kind, and the modules it left alone with the reason."""
+    """What :func:`patch` did: counts per kind, the head's transform, and every block kind it left on
+    transformers' code with the reason (``skipped``: class name -> reason)."""
 
     model_type: str
     norms: int = 0
     mlps: int = 0
     attentions: int = 0
     fused_loss: bool = False
+    head: HeadTransform | None = None
     skipped: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -49,13 +63,37 @@ class PatchReport:
         if not self.skipped:
             return done
         left = "; ".join(f"{kind} ({reason})" for kind, reason in sorted(self.skipped.items()))
-        return f"{done}; left unpatched: {left}"
+        return f"{done}; left on transformers' code: {left}"
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
     """The transformers model inside a PEFT wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def text_config(config: object) -> object:
+    """The language model's config of a composite (multimodal) config; the config itself otherwise."""
+    get = getattr(config, "get_text_config", None)
+    if not callable(get):
+        return config
+    try:
+        return get(decoder=True)
+    except TypeError:
+        return get()
+
+
+def language_model(root: nn.Module) -> nn.Module:
+    """The part of ``root`` that :func:`patch` walks: the language model of a composite model (its vision and
+    audio towers are left alone), the whole causal LM otherwise."""
+    if text_config(root.config) is root.config:
+        return root
+    get_decoder = getattr(root, "get_decoder", None)
+    try:
+        decoder = get_decoder() if callable(get_decoder) else None
+    except Exception:  # noqa: BLE001 - a model without a usable get_decoder: walk all of it
+        decoder = None
+    return decoder if isinstance(decoder, nn.Module) else root
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -72,17 +110,175 @@ def _model_device(model: nn.Module) -> torch.device:
     return weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
 
 
+@dataclass
+class _Walk:
+    """What one :func:`patch` call learns on the way (probes run once per module class)."""
+
+    report: PatchReport
+    hidden_size: int | None
+    text: object
+    norm_offset: float
+    dtype: torch.dtype
+    device: torch.device
+    norm_offsets: dict[type, float | None] = field(default_factory=dict)
+    mlp_layouts: dict[type, object] = field(default_factory=dict)
+    rope_ok: dict[type, bool] = field(default_factory=dict)
+
+    def skip(self, module: nn.Module, reason: str) -> None:
+        self.report.skipped.setdefault(type(module).__name__, reason)
+
+
+def _patch_norm(module: nn.Module, eps_attr: str, walk: _Walk) -> None:
+    cls = type(module)
+    if is_gated_norm(module):
+        walk.skip(module, "gated RMSNorm: no fastft kernel for norm(x, gate) yet")
+        return
+    if not forward_takes_one_tensor(cls):
+        walk.skip(module, "its forward takes more than the input")
+        return
+    base_cls = cls.__mro__[1] if isinstance(module, layers.FastRMSNorm) else cls
+    if base_cls not in walk.norm_offsets:
+        walk.norm_offsets[base_cls] = probe_norm_offset(module, eps_attr, walk.norm_offset)
+    offset = walk.norm_offsets[base_cls]
+    if offset is None:
+        walk.skip(module, "norm formula not recognised")
+        return
+    module._fastft_eps_attr, module._fastft_offset = eps_attr, offset
+    layers.swap_class(module, layers.FastRMSNorm)
+    walk.report.norms += 1
+
+
+def _patch_mlp(module: nn.Module, layout: object, walk: _Walk) -> None:
+    cls = type(module)
+    if not forward_takes_one_tensor(cls):
+        walk.skip(module, "its forward takes more than the input")
+        return
+    if walk.hidden_size is None:
+        walk.skip(module, "the config has no hidden_size to probe the MLP with")
+        return
+    if cls not in walk.mlp_layouts:
+        walk.mlp_layouts[cls] = layout if probe_mlp(module, layout, walk.hidden_size, walk.dtype) else None
+    if walk.mlp_layouts[cls] is None:
+        walk.skip(module, "MLP wiring not recognised")
+        return
+    module._fastft_layout = layout
+    layers.swap_class(module, layers.FastGatedMLP)
+    walk.report.mlps += 1
+
+
+def _patch_attention(module: nn.Module, att: object, walk: _Walk) -> None:
+    cls = type(module)
+    home = rotary_function_home(cls)
+    if cls not in walk.rope_ok:
+        rot = rotary_dim(walk.text, module.head_dim)
+        walk.rope_ok[cls] = home is not None and probe_rope(
+            home.apply_rotary_pos_emb, module.head_dim, rot, walk.dtype, walk.device
+        )
+    if not walk.rope_ok[cls]:
+        walk.skip(module, "rotary embedding not recognised")
+        return
+    layers.install_rope_dispatcher(home)
+    module._fastft_layout = att
+    layers.swap_class(module, layers.FastAttention)
+    walk.report.attentions += 1
+
+
+def _patch_module(module: nn.Module, walk: _Walk) -> None:
+    """Recognise, probe and swap one module (or leave it, with the reason, if any step disagrees)."""
+    if isinstance(module, layers.FastGatedMLP):
+        walk.report.mlps += 1
+        return
+    if isinstance(module, layers.FastAttention):
+        walk.report.attentions += 1
+        return
+    eps_attr = norm_eps_attr(module)
+    if eps_attr is not None:
+        _patch_norm(module, eps_attr, walk)
+        return
+    layout = mlp_layout(module)
+    if layout is not None:
+        _patch_mlp(module, layout, walk)
+        return
+    att = attention_layout(module)
+    if att is not None:
+        _patch_attention(module, att, walk)
+
+
+def _patch_head(root: nn.Module, model_type: str, walk: _Walk) -> None:
+    report = walk.report
+    head = root.get_output_embeddings() if callable(getattr(root, "get_output_embeddings", None)) else None
+    if head is None or layers.head_linear(head) is None:
+        report.skipped["lm_head"] = "output head is not a plain linear layer"
+        return
+    transform, reason = probe_head(root, head, walk.text)
+    if transform is None:
+        report.skipped["loss"] = reason
+        return
+    root._fastft_head_transform = transform
+    layers.swap_class(root, layers.FastCausalLM)
+    report.fused_loss, report.head = True, transform
+
+
+def _decoder_layers(walk_root: nn.Module) -> list[nn.Module]:
+    """One decoder layer of each class: the entries of the longest ``nn.ModuleList`` of the language model."""
+    lists = [m for m in walk_root.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        return []
+    longest = max(lists, key=len)
+    return list({type(layer): layer for layer in longest}.values())
+
+
+def _is_leaf_kind(module: nn.Module) -> bool:
+    """Modules whose plain code is all there is to run: projections (linear, LoRA, quantised), embeddings,
+    dropout and activations (no parameters)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)) or hasattr(module, "lora_A") or hasattr(module, "base_layer"):
+        return True
+    return next(module.parameters(), None) is None
+
+
+def _unpatched_kinds(module: nn.Module) -> list[nn.Module]:
+    """The outermost blocks under ``module`` that run transformers' code although they are more than a
+    projection: a block with weights of its own (experts, a conv, an SSM), or whose every part is unpatched."""
+    if isinstance(module, _FAST_KINDS) or _is_leaf_kind(module):
+        return []
+    if next(module.parameters(recurse=False), None) is not None:
+        return [module]
+    found = [k for child in module.children() for k in _unpatched_kinds(child)]
+    has_fast = any(isinstance(m, _FAST_KINDS) for m in module.modules())
+    return found if has_fast or not found else [module]
+
+
+def _reason(module: nn.Module) -> str:
+    name = type(module).__name__.lower()
+    if any("expert" in type(m).__name__.lower() or "moe" in type(m).__name__.lower() for m in module.modules()) or any(
+        p.dim() == 3 for p in module.parameters()
+    ):
+        return "routed experts: no fastft kernel yet"
+    if any("conv" in type(m).__name__.lower() for m in module.modules()) or {"A_log", "dt_bias"} & {
+        n.rsplit(".", 1)[-1] for n, _ in module.named_parameters()
+    }:
+        return "state-space or linear-attention mixer: no fastft kernel"
+    if "norm" in name:
+        return "norm formula not recognised"
+    if "attention" in name or "attn" in name:
+        return "attention not recognised (no rotary function fastft knows, or more than q/k/v/o projections)"
+    if "mlp" in name or "feedforward" in name or "ffn" in name:
+        return "MLP not recognised (not a gated MLP with gate/up/down projections)"
+    return "no fastft kernel for this block kind"
+
+
 def patch(model: nn.Module, *, fused_loss: bool = True) -> nn.Module:
     """Make ``model`` (a transformers causal LM, or a PEFT model around one) use fastft's kernels, in place.
 
     RMSNorm-like modules run :func:`fastft.kernels.rms_norm`; gated MLPs run the fused LoRA MLP Function (or
     the modules with a fused activation where an adapter feature is not supported); attention keeps
     transformers' forward (so every attention implementation, cache and mask works) with fastft's RoPE and a
-    fused q/k/v LoRA Function; and for families whose head is ``lm_head`` plus an optional softcap, the
-    training loss is :func:`fastft.kernels.fused_linear_cross_entropy` and TRL's trainers score tokens with
+    fused q/k/v LoRA Function. When the model's logits are its ``lm_head`` output times an optional scale,
+    through an optional tanh softcap (found by probing its forward, whatever the family), the training loss is
+    :func:`fastft.kernels.fused_linear_cross_entropy` and TRL's trainers score tokens with
     :func:`fastft.kernels.linear_log_probs` (:mod:`fastft.rl.trl_integration`; ``fused_loss=False`` keeps
-    transformers' head and TRL's). Returns ``model``. The result is logged in one line and kept as
-    ``model.fastft_report``.
+    transformers' head and TRL's). Every block left on transformers' code is reported with the reason. Returns
+    ``model``; the result is logged in one line and kept as ``model.fastft_report``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastft.patch expects a torch.nn.Module (a transformers or PEFT model), got {type(model)!r}")
@@ -94,71 +290,35 @@ def patch(model: nn.Module, *, fused_loss: bool = True) -> nn.Module:
             " has no .config"
         )
     model_type, family = family_of(config)
-    report = PatchReport(model_type)
-    dtype, device = model_dtype(root), _model_device(root)
-    norm_offsets: dict[type, float | None] = {}
-    mlp_layouts: dict[type, object] = {}
-    rope_ok: dict[type, bool] = {}
+    text = text_config(config)
+    hidden_size = getattr(text, "hidden_size", None)
+    walk = _Walk(
+        report=PatchReport(model_type),
+        hidden_size=hidden_size if isinstance(hidden_size, int) else None,
+        text=text,
+        norm_offset=family.norm_offset,
+        dtype=model_dtype(root),
+        device=_model_device(root),
+    )
+    report = walk.report
 
-    for module in list(root.modules()):
-        cls = type(module)
-        eps_attr = norm_eps_attr(module)
-        if eps_attr is not None:
-            base_cls = cls.__mro__[1] if isinstance(module, layers.FastRMSNorm) else cls
-            if base_cls not in norm_offsets:
-                norm_offsets[base_cls] = probe_norm_offset(module, eps_attr, family.norm_offset)
-            offset = norm_offsets[base_cls]
-            if offset is None:
-                report.skipped[cls.__name__] = "norm formula not recognised"
-                continue
-            module._fastft_eps_attr, module._fastft_offset = eps_attr, offset
-            layers.swap_class(module, layers.FastRMSNorm)
-            report.norms += 1
-            continue
+    if fused_loss:
+        # Probed first, on the model as it came: its own head and loss define what the fused loss must equal.
+        try:
+            _patch_head(root, model_type, walk)
+        except Exception as exc:  # noqa: BLE001 - the model keeps its own head
+            report.skipped["loss"] = f"probing the head failed ({type(exc).__name__}: {exc})"
+    walk_root = language_model(root)
+    for module in list(walk_root.modules()):
+        try:
+            _patch_module(module, walk)
+        except Exception as exc:  # noqa: BLE001 - a block fastft cannot handle stays as it is
+            walk.skip(module, f"probe failed ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})")
 
-        if isinstance(module, layers.FastGatedMLP):
-            report.mlps += 1
-            continue
-        if isinstance(module, layers.FastAttention):
-            report.attentions += 1
-            continue
-        layout = mlp_layout(module)
-        if layout is not None:
-            if cls not in mlp_layouts:
-                mlp_layouts[cls] = layout if probe_mlp(module, layout, config.hidden_size, dtype) else None
-            if mlp_layouts[cls] is None:
-                report.skipped[cls.__name__] = "MLP wiring not recognised"
-                continue
-            module._fastft_layout = layout
-            layers.swap_class(module, layers.FastGatedMLP)
-            report.mlps += 1
-            continue
+    for layer in _decoder_layers(walk_root):
+        for module in _unpatched_kinds(layer):
+            walk.skip(module, _reason(module))
 
-        att = attention_layout(module)
-        if att is not None:
-            home = rotary_function_home(cls)
-            if cls not in rope_ok:
-                rot = rotary_dim(config, module.head_dim)
-                rope_ok[cls] = home is not None and probe_rope(
-                    home.apply_rotary_pos_emb, module.head_dim, rot, dtype, device
-                )
-            if not rope_ok[cls]:
-                report.skipped[cls.__name__] = "rotary embedding not recognised"
-                continue
-            layers.install_rope_dispatcher(home)
-            module._fastft_layout = att
-            layers.swap_class(module, layers.FastAttention)
-            report.attentions += 1
-
-    if fused_loss and family.fused_loss and callable(getattr(root, "get_output_embeddings", None)):
-        head = root.get_output_embeddings()
-        if head is not None and layers.head_linear(head) is not None:
-            layers.swap_class(root, layers.FastCausalLM)
-            report.fused_loss = True
-        else:
-            report.skipped["lm_head"] = "output head is not a plain linear layer"
-    elif fused_loss and not family.fused_loss:
-        report.skipped["loss"] = f"logit transform of {model_type!r} not in fastft's family table"
     if isinstance(root, layers.FastCausalLM) and not report.fused_loss:
         root.fastft_return_logits = True
     if report.fused_loss:

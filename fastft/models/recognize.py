@@ -10,6 +10,7 @@ the code, not of the weights), on the module's device, under ``torch.no_grad``.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass
 
@@ -212,3 +213,143 @@ def rotary_dim(config: object, head_dim: int) -> int:
     factor = rope_parameters.get("partial_rotary_factor", None) if isinstance(rope_parameters, dict) else None
     factor = factor if factor is not None else getattr(config, "partial_rotary_factor", 1.0)
     return int(head_dim * (factor or 1.0))
+
+
+# ------------------------------------------------------------------------------------------------ signatures
+
+
+def forward_takes_one_tensor(cls: type) -> bool:
+    """True when ``cls.forward`` can be called with the one tensor a patched block passes (every other
+    parameter has a default); a block whose forward needs more (a gated norm's ``gate``) is another kind."""
+    try:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not positional and not any(p.kind == p.VAR_POSITIONAL for p in params):
+        return False
+    return all(p.default is not p.empty for p in positional[1:]) and all(
+        p.default is not p.empty for p in params if p.kind == p.KEYWORD_ONLY
+    )
+
+
+def is_gated_norm(module: nn.Module) -> bool:
+    """A norm whose forward multiplies by an activation of a second input (``norm(x, gate)``): Mamba-2's and
+    Qwen3-Next's ``*RMSNormGated``."""
+    name = type(module).__name__.lower()
+    if "norm" not in name:
+        return False
+    try:
+        params = inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "gated" in name or "gate" in params
+
+
+# ------------------------------------------------------------------------------------------------ causal-LM head
+
+
+@dataclass(frozen=True)
+class HeadTransform:
+    """How a causal LM turns its head's output ``z = lm_head(h)`` into logits and a loss: ``logits =
+    softcap(z * logit_scale)`` (each optional) and ``loss = cross_entropy(logits) + aux_loss_coef * aux_loss``
+    (the router loss of a mixture-of-experts, when the model adds it)."""
+
+    logit_scale: float | None = None
+    softcap: float | None = None
+    aux_loss_coef: float | None = None
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        z = z if self.logit_scale is None else z * self.logit_scale
+        return z if self.softcap is None else torch.tanh(z / self.softcap) * self.softcap
+
+
+def _head_candidates(config: object) -> list[HeadTransform]:
+    """Transforms to try, the config's declared ones first: no transform; ``final_logit_softcapping``; every
+    number of the config whose name speaks of logits or of the head (Granite's ``logits_scaling``, Cohere's
+    ``logit_scale``, Falcon-H1's ``lm_head_multiplier``), as a factor and as a divisor, with and without the cap."""
+    values = config.to_dict() if hasattr(config, "to_dict") else {}
+    softcap = values.get("final_logit_softcapping")
+    caps = [float(softcap)] if isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and softcap else []
+    scales = []
+    for name, value in values.items():
+        lowered = name.lower()
+        if "softcap" in lowered or isinstance(value, bool) or not isinstance(value, (int, float)) or not value:
+            continue
+        if "logit" in lowered or "lm_head" in lowered or "output_mult" in lowered:
+            scales += [float(value), 1.0 / float(value)]
+    out = [HeadTransform(softcap=c) for c in caps] + [HeadTransform()]
+    out += [HeadTransform(logit_scale=s, softcap=c) for s in scales for c in (*caps, None)]
+    return out
+
+
+def _probe_logits(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Head outputs spread over [-40, 40]: every transform of a real model (a cap at 30, a scale of 1/8 or
+    16) moves them by far more than a rounding, so each candidate is told apart whatever the weights."""
+    gen = _generator()
+    return (torch.rand(shape, generator=gen) * 80 - 40).to(device, dtype)
+
+
+def probe_head(model: nn.Module, head: nn.Module, config: object) -> tuple[HeadTransform | None, str]:
+    """Which :class:`HeadTransform` ``model`` computes, found by running its own forward once (six tokens of
+    input and labels, training mode, no grad) with the head's output replaced by known values; (None, reason) when
+    the logits or the loss are anything else, so the model keeps transformers' head and loss."""
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.is_meta:
+        return None, "the output head has no materialised weight to probe"
+    vocab = weight.shape[0]
+    ids = (torch.arange(6, device=weight.device) * 7 + 3).remainder(vocab).unsqueeze(0)
+    replaced: dict[str, torch.Tensor] = {}
+
+    def replace_output(module, args, output):
+        if not isinstance(output, torch.Tensor):
+            return None
+        replaced.setdefault("z", _probe_logits(output.shape, output.dtype, output.device))
+        return replaced["z"] if replaced["z"].shape == output.shape else output
+
+    # In training mode, where the fused loss serves: dropout only moves the hidden states, which the probe
+    # replaces anyway, and bitsandbytes repacks 4-bit CPU weights in place on an eval-mode no-grad call (a probe
+    # must not change the model). A model fastft patched before runs its own head for the probe.
+    flags = [(m, m.training) for m in model.modules()]
+    returned = model.__dict__.get("fastft_return_logits")
+    model.__dict__["fastft_return_logits"] = True
+    handle = head.register_forward_hook(replace_output)
+    try:
+        model.train()
+        with torch.no_grad():
+            out = model(input_ids=ids, labels=ids)
+    except Exception as exc:  # noqa: BLE001 - any failure means: keep the model's own head
+        return None, f"probing the head failed ({type(exc).__name__}: {_short(exc)})"
+    finally:
+        handle.remove()
+        for module, training in flags:
+            module.training = training
+        if returned is None:
+            del model.__dict__["fastft_return_logits"]
+        else:
+            model.__dict__["fastft_return_logits"] = returned
+    z, logits, loss = replaced.get("z"), getattr(out, "logits", None), getattr(out, "loss", None)
+    if z is None or not isinstance(logits, torch.Tensor) or logits.shape != z.shape or loss is None:
+        return None, "the logits are not the output head's output"
+    # Compared in fp32 at the head dtype's resolution: the model may transform in bf16 and upcast, or the reverse.
+    tol = 8 * torch.finfo(z.dtype).eps
+    candidates = _head_candidates(config)
+    found = next(
+        (t for t in candidates if torch.allclose(logits.float(), t.apply(z.float()), rtol=tol, atol=tol)), None
+    )
+    if found is None:
+        return None, "the logits are the head's output transformed in a way fastft does not know"
+    flat = logits[:, :-1].reshape(-1, vocab).float()
+    ce = F.cross_entropy(flat, ids[:, 1:].reshape(-1))
+    aux, coef = getattr(out, "aux_loss", None), getattr(config, "router_aux_loss_coef", None)
+    if torch.allclose(loss.float(), ce, rtol=1e-4, atol=1e-5):
+        return found, ""
+    with_aux = isinstance(aux, torch.Tensor) and isinstance(coef, (int, float))
+    if with_aux and torch.allclose(loss.float(), ce + coef * aux.float(), rtol=1e-4, atol=1e-5):
+        return HeadTransform(found.logit_scale, found.softcap, float(coef)), ""
+    return None, "the loss is not the cross-entropy of the logits"
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
