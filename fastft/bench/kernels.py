@@ -120,6 +120,33 @@ def benches(device: torch.device, tokens: int | None = None) -> list[KernelBench
             bwd_case="rms_norm_backward_llama3_8b",
         ),
         KernelBench(
+            name="rms_norm_gated",
+            tokens=s.tokens,
+            module="rms_norm_gated",
+            build=functools.partial(on, builder=shapes.rms_norm_gated_inputs),
+            args=("x", "gate", "weight"),
+            shape=(
+                f"x, gate ({s.tokens}, {s.n_heads}, {s.head_dim}) bf16, trainable weight ({s.head_dim},): "
+                "Qwen3-Next's per-head norm * silu(gate); no Liger equivalent"
+            ),
+            kwargs={"eps": 1e-6},
+            fwd_case="rms_norm_gated_forward_qwen3_next",
+            bwd_case="rms_norm_gated_backward_qwen3_next",
+        ),
+        KernelBench(
+            name="layer_norm",
+            tokens=s.tokens,
+            module="layer_norm",
+            build=functools.partial(on, builder=shapes.layer_norm_inputs),
+            args=("x", "weight", "bias"),
+            shape=f"x ({s.tokens}, {s.hidden}) bf16, trainable weight and bias",
+            kwargs={"eps": 1e-5},
+            liger="liger_layer_norm",
+            liger_kwargs={"eps": 1e-5},
+            fwd_case="layer_norm_forward_h4096",
+            bwd_case="layer_norm_backward_h4096",
+        ),
+        KernelBench(
             name="rope",
             tokens=s.tokens,
             module="rope",
@@ -129,6 +156,19 @@ def benches(device: torch.device, tokens: int | None = None) -> list[KernelBench
             liger="liger_rope",
             fwd_case="rope_forward",
             bwd_case="rope_backward",
+        ),
+        KernelBench(
+            name="rope_interleaved",
+            tokens=s.tokens,
+            module="rope_interleaved",
+            build=functools.partial(on, builder=shapes.rope_interleaved_inputs),
+            args=("q", "k", "cos", "sin"),
+            shape=(
+                f"q (1, {s.n_heads}, {s.tokens}, {s.head_dim}), k {s.n_kv_heads} heads, bf16, transposed views, "
+                f"pairs (2i, 2i+1) of the first {s.head_dim // 2} columns rotated (GLM-4); no Liger equivalent"
+            ),
+            fwd_case="rope_interleaved_forward",
+            bwd_case="rope_interleaved_backward",
         ),
         KernelBench(
             name="swiglu",
@@ -152,6 +192,29 @@ def benches(device: torch.device, tokens: int | None = None) -> list[KernelBench
             liger="liger_geglu",
             fwd_case="geglu_forward[tanh]",
             bwd_case="geglu_backward[tanh]",
+        ),
+        KernelBench(
+            name="activation:gelu_tanh",
+            tokens=s.tokens,
+            module="activation",
+            build=functools.partial(on, builder=shapes.ungated_mlp_inputs),
+            args=("x",),
+            shape=f"u ({s.tokens}, {s.intermediate}) bf16, tanh GELU of a non-gated MLP (GPT-2, Phi, StarCoder2); "
+            "no Liger equivalent",
+            kwargs={"activation": "gelu_tanh"},
+            fwd_case="activation_forward[gelu_tanh]",
+            bwd_case="activation_backward[gelu_tanh]",
+        ),
+        KernelBench(
+            name="activation:relu2",
+            tokens=s.tokens,
+            module="activation",
+            build=functools.partial(on, builder=shapes.ungated_mlp_inputs),
+            args=("x",),
+            shape=f"u ({s.tokens}, {s.intermediate}) bf16, relu(u)^2 (Nemotron); no Liger equivalent",
+            kwargs={"activation": "relu2"},
+            fwd_case="activation_forward[relu2]",
+            bwd_case="activation_backward[relu2]",
         ),
         KernelBench(
             name="cross_entropy:llama3",

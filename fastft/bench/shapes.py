@@ -77,6 +77,26 @@ def rms_norm_inputs(s: ModelShape, device: torch.device, dtype: torch.dtype = DT
     return {"x": _leaf(x), "weight": _leaf(weight)}
 
 
+def rms_norm_gated_inputs(s: ModelShape, device: torch.device, dtype: torch.dtype = DTYPE, seed: int = 0) -> dict:
+    """x and gate (tokens, heads, head_dim) and a trainable weight (head_dim,): the per-head gated output norm of
+    a Qwen3-Next linear-attention layer (``norm(core_attn_out, z)``), with the shape's query heads as value heads."""
+    g = _generator(device, seed)
+    shape = (s.tokens, s.n_heads, s.head_dim)
+    x = torch.randn(shape, device=device, dtype=dtype, generator=g)
+    gate = torch.randn(shape, device=device, dtype=dtype, generator=g)
+    weight = 1 + 0.1 * torch.randn(s.head_dim, device=device, dtype=dtype, generator=g)
+    return {"x": _leaf(x), "gate": _leaf(gate), "weight": _leaf(weight)}
+
+
+def layer_norm_inputs(s: ModelShape, device: torch.device, dtype: torch.dtype = DTYPE, seed: int = 0) -> dict:
+    """x (tokens, hidden) and a trainable weight and bias (hidden,): a full fine-tune's decoder nn.LayerNorm."""
+    g = _generator(device, seed)
+    x = torch.randn(s.tokens, s.hidden, device=device, dtype=dtype, generator=g)
+    weight = 1 + 0.1 * torch.randn(s.hidden, device=device, dtype=dtype, generator=g)
+    bias = 0.1 * torch.randn(s.hidden, device=device, dtype=dtype, generator=g)
+    return {"x": _leaf(x), "weight": _leaf(weight), "bias": _leaf(bias)}
+
+
 def rope_inputs(s: ModelShape, device: torch.device, dtype: torch.dtype = DTYPE, seed: int = 0) -> dict:
     """q (1, Hq, T, D) and k (1, Hk, T, D) as transposed views of the projections, cos/sin (1, T, D)."""
     g = _generator(device, seed)
@@ -88,6 +108,18 @@ def rope_inputs(s: ModelShape, device: torch.device, dtype: torch.dtype = DTYPE,
     return {"q": _leaf(q), "k": _leaf(k), "cos": emb.cos().to(dtype), "sin": emb.sin().to(dtype)}
 
 
+def rope_interleaved_inputs(s: ModelShape, device: torch.device, dtype: torch.dtype = DTYPE, seed: int = 0) -> dict:
+    """q (1, Hq, T, D) and k (1, Hk, T, D) as transposed views, cos/sin (1, T, D/4): one angle per pair for the
+    first D/2 columns (GLM-4's partial rotary, ``partial_rotary_factor`` 0.5; the rest passes through)."""
+    g = _generator(device, seed)
+    q = torch.randn(1, s.tokens, s.n_heads, s.head_dim, device=device, dtype=dtype, generator=g).transpose(1, 2)
+    k = torch.randn(1, s.tokens, s.n_kv_heads, s.head_dim, device=device, dtype=dtype, generator=g).transpose(1, 2)
+    rotary_dim = s.head_dim // 2
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim))
+    angles = torch.outer(torch.arange(s.tokens, device=device, dtype=torch.float32), inv_freq)[None]
+    return {"q": _leaf(q), "k": _leaf(k), "cos": angles.cos().to(dtype), "sin": angles.sin().to(dtype)}
+
+
 def gated_mlp_inputs(s: ModelShape, device: torch.device, dtype: torch.dtype = DTYPE, seed: int = 0) -> dict:
     """gate and up (tokens, intermediate): the two projection outputs a SwiGLU/GeGLU MLP multiplies."""
     g = _generator(device, seed)
@@ -96,6 +128,12 @@ def gated_mlp_inputs(s: ModelShape, device: torch.device, dtype: torch.dtype = D
         "gate": _leaf(torch.randn(shape, device=device, dtype=dtype, generator=g)),
         "up": _leaf(torch.randn(shape, device=device, dtype=dtype, generator=g)),
     }
+
+
+def ungated_mlp_inputs(s: ModelShape, device: torch.device, dtype: torch.dtype = DTYPE, seed: int = 0) -> dict:
+    """x (tokens, intermediate): the up projection output a non-gated MLP (GPT-2, Phi, Nemotron) activates."""
+    g = _generator(device, seed)
+    return {"x": _leaf(2 * torch.randn(s.tokens, s.intermediate, device=device, dtype=dtype, generator=g))}
 
 
 def _labels(tokens: int, vocab: int, device: torch.device, g: torch.Generator) -> torch.Tensor:

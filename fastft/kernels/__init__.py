@@ -6,21 +6,29 @@ run a torch path with the same hand-written backward (so the memory savings hold
 """
 
 from fastft.kernels._dispatch import force_backend
+from fastft.kernels.activation import XIELU, activation, activation_reference
 from fastft.kernels.cross_entropy import cross_entropy, cross_entropy_reference
 from fastft.kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
 )
 from fastft.kernels.geglu import geglu, geglu_reference
+from fastft.kernels.layer_norm import layer_norm, layer_norm_reference
 from fastft.kernels.lora import LoRAProjection, lora_linear, lora_mlp, lora_qkv
+from fastft.kernels.lora_ungated_mlp import lora_ungated_mlp
 from fastft.kernels.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference
 from fastft.kernels.rms_norm import rms_norm, rms_norm_reference
+from fastft.kernels.rms_norm_gated import rms_norm_gated, rms_norm_gated_reference
 from fastft.kernels.rope import rope, rope_reference
+from fastft.kernels.rope_interleaved import rope_interleaved, rope_interleaved_reference
 from fastft.kernels.swiglu import swiglu, swiglu_reference
 
 __all__ = [
+    "XIELU",
     "LoRAProjection",
     "NF4Weight",
+    "activation",
+    "activation_reference",
     "cross_entropy",
     "cross_entropy_reference",
     "dequantize_nf4",
@@ -30,12 +38,19 @@ __all__ = [
     "fused_linear_cross_entropy_reference",
     "geglu",
     "geglu_reference",
+    "layer_norm",
+    "layer_norm_reference",
     "lora_linear",
     "lora_mlp",
     "lora_qkv",
+    "lora_ungated_mlp",
     "rms_norm",
+    "rms_norm_gated",
+    "rms_norm_gated_reference",
     "rms_norm_reference",
     "rope",
+    "rope_interleaved",
+    "rope_interleaved_reference",
     "rope_reference",
     "swiglu",
     "swiglu_reference",

@@ -202,7 +202,7 @@ class GeGLUFunction(torch.autograd.Function):
         out = forward(gate_rows, up_rows, approximate)
         ctx.save_for_backward(gate_rows, up_rows)
         ctx.approximate, ctx.shape = approximate, gate.shape
-        return out.view(gate.shape)
+        return out  # flat; reshaped outside the Function, so the caller may change it in place
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -235,7 +235,7 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: Literal["tanh", "no
             f"geglu: approximate must be 'none' (exact erf GELU, transformers' 'gelu') or 'tanh' "
             f"(transformers' 'gelu_pytorch_tanh'), got {approximate!r}."
         )
-    return GeGLUFunction.apply(gate, up, approximate)
+    return GeGLUFunction.apply(gate, up, approximate).view(gate.shape)
 
 
 def audit_cases() -> list[AuditCase]:

@@ -367,7 +367,7 @@ class RMSNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, rstd)
         ctx.offset = offset
         ctx.triton_path = triton_path
-        return y.view(x.shape)
+        return y  # 2-D; the caller reshapes it outside the Function (a view made here could not be changed in place)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -421,7 +421,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: f
             raise ValueError(f"rms_norm: {name} must be finite ({hint}), got {value!r}")
     if eps < 0:
         raise ValueError(f"rms_norm: eps must be >= 0 (typically 1e-6 or 1e-5), got {eps!r}")
-    return RMSNormFunction.apply(x, weight, float(eps), float(offset))
+    return RMSNormFunction.apply(x, weight, float(eps), float(offset)).view(x.shape)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -251,7 +251,7 @@ class SwiGLUFunction(torch.autograd.Function):
         out = forward(gate_rows, up_rows)
         ctx.save_for_backward(gate_rows, up_rows)
         ctx.shape = gate.shape
-        return out.view(gate.shape)
+        return out  # flat; reshaped outside the Function, so the caller may change it in place
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -277,7 +277,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     kernels; CPU tensors run an equivalent torch path (or the interpreted kernels under ``TRITON_INTERPRET=1``).
     """
     _check_gated_inputs("swiglu", gate, up)
-    return SwiGLUFunction.apply(gate, up)
+    return SwiGLUFunction.apply(gate, up).view(gate.shape)
 
 
 def audit_cases() -> list[AuditCase]:

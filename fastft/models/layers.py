@@ -5,7 +5,7 @@ parameters and state dict, and ``isinstance`` against the original class; only `
 changed at class level in transformers or PEFT, so other models in the process are untouched. The one
 exception is the rotary function that attention code calls as a module global: it is wrapped once per
 modeling module by a dispatcher that runs fastft's kernel only inside the forward of an attention instance
-fastft patched (a context variable says so) and calls the original everywhere else.
+fastft patched (a context variable says so) and calls the original everywhere else (:mod:`fastft.models.rotary`).
 """
 
 from __future__ import annotations
@@ -20,14 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastft.kernels.activation import XIELU, activation
 from fastft.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from fastft.kernels.geglu import geglu
+from fastft.kernels.layer_norm import layer_norm
 from fastft.kernels.lora import lora_linear, lora_mlp, lora_qkv
+from fastft.kernels.lora_ungated_mlp import lora_ungated_mlp
 from fastft.kernels.rms_norm import rms_norm
-from fastft.kernels.rope import rope
+from fastft.kernels.rms_norm_gated import rms_norm_gated
 from fastft.kernels.swiglu import swiglu
 from fastft.models.projections import read_projection
-from fastft.models.recognize import AttentionLayout, MLPLayout
+from fastft.models.recognize import AttentionLayout, LayerNormSpec, MLPLayout, UngatedLayout, apply_dropout
+from fastft.models.rotary import ACTIVE as _ROPE_ACTIVE
 from fastft.models.zero3 import gathered_head
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
@@ -48,6 +52,7 @@ def swap_class(module: nn.Module, mixin: type) -> bool:
         # keeps only the dataset columns that the model's forward names, so ``(*args, **kwargs)`` would drop all.
         functools.update_wrapper(forward, cls.forward)
         namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "forward": forward}
+        namespace["_fastft_swapped"] = True
         sub = type(cls.__name__, (mixin, cls), namespace)
         _SUBCLASSES[(cls, mixin)] = sub
     module.__class__ = sub
@@ -67,6 +72,36 @@ class FastRMSNorm:
         if _has_values(args, kwargs):  # a call the probe did not see (an optional argument used): the original
             return super().forward(hidden_states, *args, **kwargs)
         return rms_norm(hidden_states, self.weight, getattr(self, self._fastft_eps_attr), self._fastft_offset)
+
+
+class FastLayerNorm:
+    """LayerNorm through :func:`fastft.kernels.layer_norm` (saves x and an fp32 mean and rstd per row). Under
+    ``torch.autocast`` the module's own forward runs (autocast computes LayerNorm in fp32 and returns fp32)."""
+
+    _fastft_spec: LayerNormSpec
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if _has_values(args, kwargs) or torch.is_autocast_enabled(hidden_states.device.type):
+            return super().forward(hidden_states, *args, **kwargs)
+        spec = self._fastft_spec
+        weight, bias = getattr(self, "weight", None), getattr(self, "bias", None)
+        return layer_norm(hidden_states, weight, bias, spec.eps, spec.offset)
+
+
+class FastRMSNormGated:
+    """Gated RMSNorm ``norm(x, gate)`` through :func:`fastft.kernels.rms_norm_gated` with the flags its probe
+    found (saves x, the gate and one fp32 number per row and group). A call without a gate (the Mamba-2 family's
+    plain-norm use of the same module) runs the module's own forward."""
+
+    _fastft_eps_attr: str
+    _fastft_flags: dict
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        if gate is None or _has_values(args, kwargs) or gate.shape != hidden_states.shape:
+            return super().forward(hidden_states, gate, *args, **kwargs)
+        return rms_norm_gated(
+            hidden_states, gate, self.weight, getattr(self, self._fastft_eps_attr), **self._fastft_flags
+        )
 
 
 def _has_values(args: tuple, kwargs: dict) -> bool:
@@ -96,37 +131,39 @@ class FastGatedMLP:
         projections = [read_projection(getattr(self, n)) for n in names]
         if all(p is not None for p in projections):
             if layout.gate_up:
-                return lora_mlp(x, projections[0], None, projections[1], layout.activation)
-            return lora_mlp(x, *projections, layout.activation)
+                y = lora_mlp(x, projections[0], None, projections[1], layout.activation)
+            else:
+                y = lora_mlp(x, *projections, layout.activation)
+            return apply_dropout(self, layout.dropout, y)
         # Fallback (8-bit or DoRA layers, several active adapters, ...): the modules themselves, fused activation.
         if layout.gate_up:
             gate, up = getattr(self, layout.gate_up)(x).chunk(2, dim=-1)
         else:
             gate, up = getattr(self, layout.gate)(x), getattr(self, layout.up)(x)
-        return getattr(self, layout.down)(_activation(layout.activation, gate, up))
+        return apply_dropout(self, layout.dropout, getattr(self, layout.down)(_activation(layout.activation, gate, up)))
+
+
+class FastUngatedMLP:
+    """``down(act(up(x)))`` as one fused LoRA Function (GELU, tanh-GELU, ReLU², xIELU with its trainable alphas)
+    when both projections allow it; otherwise the modules themselves with the fused activation kernel."""
+
+    _fastft_layout: UngatedLayout
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if _has_values(args, kwargs):
+            return super().forward(x, *args, **kwargs)
+        layout = self._fastft_layout
+        act = getattr(self, layout.act)
+        kind = XIELU.from_module(act) if layout.activation == "xielu" else layout.activation
+        up, down = read_projection(getattr(self, layout.up)), read_projection(getattr(self, layout.down))
+        if up is not None and down is not None:
+            y = lora_ungated_mlp(x, up, down, kind)
+        else:
+            y = getattr(self, layout.down)(activation(getattr(self, layout.up)(x), kind))
+        return apply_dropout(self, layout.dropout, y)
 
 
 # ------------------------------------------------------------------------------------------------ attention
-
-_ROPE_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("fastft_rope_active", default=False)
-
-
-def install_rope_dispatcher(home: object) -> None:
-    """Wrap ``home.apply_rotary_pos_emb`` once so patched attention instances run fastft's RoPE kernel."""
-    original = home.apply_rotary_pos_emb
-    if getattr(original, "_fastft_dispatcher", False):
-        return
-
-    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        unsqueeze_dim = kwargs.get("unsqueeze_dim", args[-1] if len(args) == 1 else 1)
-        if _ROPE_ACTIVE.get() and unsqueeze_dim == 1 and len(args) + len(kwargs) <= 1:
-            return rope(q, k, cos, sin)
-        return original(q, k, cos, sin, *args, **kwargs)
-
-    apply_rotary_pos_emb._fastft_dispatcher = True
-    apply_rotary_pos_emb.__wrapped__ = original
-    apply_rotary_pos_emb.__doc__ = original.__doc__
-    home.apply_rotary_pos_emb = apply_rotary_pos_emb
 
 
 class FastProjection:
@@ -158,12 +195,13 @@ class FastAttention:
             return super().forward(*args, **kwargs)
         finally:
             _ROPE_ACTIVE.reset(token)
-            for n in names:  # outputs the forward did not ask for (it always does; never leave references behind)
-                getattr(self, n).__dict__.pop("_fastft_pending", None)
+            for n in names:  # outputs the forward did not ask for: never leave references behind, and stop
+                if getattr(self, n).__dict__.pop("_fastft_pending", None) is not None:  # computing them up front
+                    self.__dict__["_fastft_qkv_unused"] = True
 
     def _precompute_qkv(self, x: object) -> tuple[str, ...]:
         layout = self._fastft_layout
-        if layout.q is None or not isinstance(x, torch.Tensor):
+        if layout.q is None or not isinstance(x, torch.Tensor) or self.__dict__.get("_fastft_qkv_unused"):
             swap_class(getattr(self, layout.qkv or layout.o), FastProjection)
             swap_class(getattr(self, layout.o), FastProjection)
             return ()
@@ -221,9 +259,26 @@ def head_linear(head: nn.Module) -> nn.Linear | None:
             head = head.original_module
         else:
             head = head.modules_to_save[active[0]]
-    if isinstance(head, nn.Linear) and not hasattr(head, "lora_A") and head.weight.is_floating_point():
+    if (
+        isinstance(head, nn.Linear)
+        and _runs_linear_forward(type(head))
+        and {n for n, _ in head.named_parameters(recurse=False)} <= {"weight", "bias"}
+        and next(head.children(), None) is None
+        and head.weight.is_floating_point()
+    ):
         return head
     return None
+
+
+def _runs_linear_forward(cls: type) -> bool:
+    """Whether ``cls`` computes ``nn.Linear``'s forward (fastft's own head subclass aside): a subclass with a
+    forward of its own (a learned logit scale inside the head, say) is not a plain linear head."""
+    for klass in cls.__mro__:
+        if klass is nn.Linear:
+            return True
+        if "forward" in vars(klass) and klass is not FastLMHead and not vars(klass).get("_fastft_swapped"):
+            return False
+    return False
 
 
 def _router_loss_on(model: nn.Module, kwargs: dict) -> bool:

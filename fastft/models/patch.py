@@ -20,26 +20,37 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastft.models import layers
+from fastft.models import layers, rotary
 from fastft.models.families import family_of
 from fastft.models.recognize import (
     HeadTransform,
     attention_layout,
+    attention_rope_dims,
+    forward_takes_hidden_states,
     forward_takes_one_tensor,
     is_gated_norm,
+    is_layer_norm,
     mlp_layout,
     norm_eps_attr,
+    probe_gated_norm,
     probe_head,
+    probe_layer_norm,
     probe_mlp,
     probe_norm_offset,
-    probe_rope,
-    rotary_dim,
-    rotary_function_home,
+    probe_ungated_mlp,
+    ungated_mlp_layout,
 )
 
 logger = logging.getLogger("fastft")
 
-_FAST_KINDS = (layers.FastRMSNorm, layers.FastGatedMLP, layers.FastAttention)
+_FAST_KINDS = (
+    layers.FastRMSNorm,
+    layers.FastRMSNormGated,
+    layers.FastLayerNorm,
+    layers.FastGatedMLP,
+    layers.FastUngatedMLP,
+    layers.FastAttention,
+)
 
 
 @dataclass
@@ -57,8 +68,8 @@ class PatchReport:
 
     def summary(self) -> str:
         done = (
-            f"fastft: patched {self.model_type}: {self.norms} RMSNorm, {self.mlps} gated MLP, "
-            f"{self.attentions} attention (RoPE, fused LoRA q/k/v), fused loss {'on' if self.fused_loss else 'off'}"
+            f"fastft: patched {self.model_type}: {self.norms} norms, {self.mlps} MLP, "
+            f"{self.attentions} attention (fused LoRA projections, fastft RoPE), fused loss {'on' if self.fused_loss else 'off'}"
         )
         if not self.skipped:
             return done
@@ -121,8 +132,11 @@ class _Walk:
     dtype: torch.dtype
     device: torch.device
     norm_offsets: dict[type, float | None] = field(default_factory=dict)
+    gated_flags: dict[type, dict | None] = field(default_factory=dict)
+    layer_norms: dict[type, object] = field(default_factory=dict)
+    ungated: dict[type, object] = field(default_factory=dict)
     mlp_layouts: dict[type, object] = field(default_factory=dict)
-    rope_ok: dict[type, bool] = field(default_factory=dict)
+    ropes: dict[type, dict[str, rotary.Convention | None]] = field(default_factory=dict)
 
     def skip(self, module: nn.Module, reason: str) -> None:
         self.report.skipped.setdefault(type(module).__name__, reason)
@@ -130,8 +144,18 @@ class _Walk:
 
 def _patch_norm(module: nn.Module, eps_attr: str, walk: _Walk) -> None:
     cls = type(module)
+    if isinstance(module, layers.FastRMSNormGated):
+        walk.report.norms += 1
+        return
     if is_gated_norm(module):
-        walk.skip(module, "gated RMSNorm: no fastft kernel for norm(x, gate) yet")
+        if cls not in walk.gated_flags:
+            walk.gated_flags[cls] = probe_gated_norm(module, eps_attr)
+        if walk.gated_flags[cls] is None:
+            walk.skip(module, "gated norm formula not recognised")
+            return
+        module._fastft_eps_attr, module._fastft_flags = eps_attr, walk.gated_flags[cls]
+        layers.swap_class(module, layers.FastRMSNormGated)
+        walk.report.norms += 1
         return
     if not forward_takes_one_tensor(cls):
         walk.skip(module, "its forward takes more than the input")
@@ -148,6 +172,19 @@ def _patch_norm(module: nn.Module, eps_attr: str, walk: _Walk) -> None:
     walk.report.norms += 1
 
 
+def _patch_layer_norm(module: nn.Module, walk: _Walk) -> None:
+    cls = type(module)
+    if cls not in walk.layer_norms:
+        walk.layer_norms[cls] = probe_layer_norm(module)
+    spec = walk.layer_norms[cls]
+    if spec is None:
+        walk.skip(module, "LayerNorm formula not recognised")
+        return
+    module._fastft_spec = spec
+    layers.swap_class(module, layers.FastLayerNorm)
+    walk.report.norms += 1
+
+
 def _patch_mlp(module: nn.Module, layout: object, walk: _Walk) -> None:
     cls = type(module)
     if not forward_takes_one_tensor(cls):
@@ -157,27 +194,53 @@ def _patch_mlp(module: nn.Module, layout: object, walk: _Walk) -> None:
         walk.skip(module, "the config has no hidden_size to probe the MLP with")
         return
     if cls not in walk.mlp_layouts:
-        walk.mlp_layouts[cls] = layout if probe_mlp(module, layout, walk.hidden_size, walk.dtype) else None
+        walk.mlp_layouts[cls] = probe_mlp(module, layout, walk.hidden_size, walk.dtype)
     if walk.mlp_layouts[cls] is None:
         walk.skip(module, "MLP wiring not recognised")
         return
-    module._fastft_layout = layout
+    module._fastft_layout = walk.mlp_layouts[cls]
     layers.swap_class(module, layers.FastGatedMLP)
     walk.report.mlps += 1
 
 
-def _patch_attention(module: nn.Module, att: object, walk: _Walk) -> None:
+def _patch_ungated_mlp(module: nn.Module, layout: object, walk: _Walk) -> None:
     cls = type(module)
-    home = rotary_function_home(cls)
-    if cls not in walk.rope_ok:
-        rot = rotary_dim(walk.text, module.head_dim)
-        walk.rope_ok[cls] = home is not None and probe_rope(
-            home.apply_rotary_pos_emb, module.head_dim, rot, walk.dtype, walk.device
-        )
-    if not walk.rope_ok[cls]:
-        walk.skip(module, "rotary embedding not recognised")
+    if not forward_takes_one_tensor(cls) or walk.hidden_size is None:
+        walk.skip(module, "its forward takes more than the input")
         return
-    layers.install_rope_dispatcher(home)
+    if cls not in walk.ungated:
+        walk.ungated[cls] = layout if probe_ungated_mlp(module, layout, walk.hidden_size, walk.dtype) else None
+    if walk.ungated[cls] is None:
+        walk.skip(module, "MLP wiring not recognised")
+        return
+    module._fastft_layout = layout
+    layers.swap_class(module, layers.FastUngatedMLP)
+    walk.report.mlps += 1
+
+
+def _patch_attention(module: nn.Module, att: object, walk: _Walk) -> None:
+    """Attention keeps transformers' forward; its rotary function (each one its modeling module defines) runs
+    fastft's kernel for the convention the probe recognised, and q/k/v/o run the fused LoRA Functions."""
+    cls = type(module)
+    if not forward_takes_hidden_states(cls):
+        walk.skip(module, "its forward does not take the hidden states first")
+        return
+    if cls not in walk.ropes:
+        head_dim, rot = attention_rope_dims(module, walk.text)
+        # The function sees whole heads (partial rotary inside it), or only the rotated part (Phi and StableLM
+        # slice the heads themselves before calling it).
+        shapes = dict.fromkeys([(head_dim, rot), (rot, rot)])
+        walk.ropes[cls] = {
+            name: next((c for d, r in shapes if (c := rotary.recognise(function, d, r, walk.dtype, walk.device))), None)
+            for name, function in rotary.rotary_functions(cls).items()
+        }
+    ropes = walk.ropes[cls]
+    unknown = [name for name, convention in ropes.items() if convention is None]
+    if unknown:
+        walk.report.skipped.setdefault(f"{cls.__name__}.{unknown[0]}", "rotary convention not recognised")
+    for name, convention in ropes.items():
+        if convention is not None:
+            rotary.install(cls, name, convention)
     module._fastft_layout = att
     layers.swap_class(module, layers.FastAttention)
     walk.report.attentions += 1
@@ -185,19 +248,29 @@ def _patch_attention(module: nn.Module, att: object, walk: _Walk) -> None:
 
 def _patch_module(module: nn.Module, walk: _Walk) -> None:
     """Recognise, probe and swap one module (or leave it, with the reason, if any step disagrees)."""
-    if isinstance(module, layers.FastGatedMLP):
+    if isinstance(module, (layers.FastGatedMLP, layers.FastUngatedMLP)):
         walk.report.mlps += 1
         return
     if isinstance(module, layers.FastAttention):
         walk.report.attentions += 1
         return
+    if isinstance(module, layers.FastLayerNorm):
+        walk.report.norms += 1
+        return
     eps_attr = norm_eps_attr(module)
     if eps_attr is not None:
         _patch_norm(module, eps_attr, walk)
         return
+    if is_layer_norm(module):
+        _patch_layer_norm(module, walk)
+        return
     layout = mlp_layout(module)
     if layout is not None:
         _patch_mlp(module, layout, walk)
+        return
+    ungated = ungated_mlp_layout(module)
+    if ungated is not None:
+        _patch_ungated_mlp(module, ungated, walk)
         return
     att = attention_layout(module)
     if att is not None:
@@ -220,12 +293,10 @@ def _patch_head(root: nn.Module, model_type: str, walk: _Walk) -> None:
 
 
 def _decoder_layers(walk_root: nn.Module) -> list[nn.Module]:
-    """One decoder layer of each class: the entries of the longest ``nn.ModuleList`` of the language model."""
+    """The decoder layers: the entries of the longest ``nn.ModuleList`` of the language model (every one: hybrid
+    models build attention and mixer layers from one class)."""
     lists = [m for m in walk_root.modules() if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
-        return []
-    longest = max(lists, key=len)
-    return list({type(layer): layer for layer in longest}.values())
+    return list(max(lists, key=len)) if lists else []
 
 
 def _is_leaf_kind(module: nn.Module) -> bool:
@@ -233,7 +304,15 @@ def _is_leaf_kind(module: nn.Module) -> bool:
     dropout and activations (no parameters)."""
     if isinstance(module, (nn.Linear, nn.Embedding)) or hasattr(module, "lora_A") or hasattr(module, "base_layer"):
         return True
-    return next(module.parameters(), None) is None
+    params = list(module.parameters())
+    if not params:
+        return True
+    # A router: one matrix (and biases) and no children; a matmul and a top-k, nothing to fuse.
+    return (
+        next(module.children(), None) is None
+        and sum(p.dim() == 2 for p in params) == 1
+        and max(p.dim() for p in params) == 2
+    )
 
 
 def _unpatched_kinds(module: nn.Module) -> list[nn.Module]:
@@ -243,25 +322,24 @@ def _unpatched_kinds(module: nn.Module) -> list[nn.Module]:
         return []
     if next(module.parameters(recurse=False), None) is not None:
         return [module]
-    found = [k for child in module.children() for k in _unpatched_kinds(child)]
-    has_fast = any(isinstance(m, _FAST_KINDS) for m in module.modules())
-    return found if has_fast or not found else [module]
+    if not any(isinstance(m, _FAST_KINDS) for m in module.modules()):
+        return [module]  # a whole block on transformers' code
+    return [k for child in module.children() for k in _unpatched_kinds(child)]
 
 
 def _reason(module: nn.Module) -> str:
     name = type(module).__name__.lower()
+    leaves = {n.rsplit(".", 1)[-1] for n, _ in module.named_parameters()}
+    if any(isinstance(m, nn.Conv1d) for m in module.modules()) or {"A_log", "dt_bias"} & leaves:
+        return "state-space or linear-attention mixer: no fastft kernel"
     if any("expert" in type(m).__name__.lower() or "moe" in type(m).__name__.lower() for m in module.modules()) or any(
         p.dim() == 3 for p in module.parameters()
     ):
         return "routed experts: no fastft kernel yet"
-    if any("conv" in type(m).__name__.lower() for m in module.modules()) or {"A_log", "dt_bias"} & {
-        n.rsplit(".", 1)[-1] for n, _ in module.named_parameters()
-    }:
-        return "state-space or linear-attention mixer: no fastft kernel"
     if "norm" in name:
         return "norm formula not recognised"
     if "attention" in name or "attn" in name:
-        return "attention not recognised (no rotary function fastft knows, or more than q/k/v/o projections)"
+        return "attention not recognised (projections other than q/k/v/o)"
     if "mlp" in name or "feedforward" in name or "ffn" in name:
         return "MLP not recognised (not a gated MLP with gate/up/down projections)"
     return "no fastft kernel for this block kind"
@@ -329,7 +407,7 @@ def patch(model: nn.Module, *, fused_loss: bool = True) -> nn.Module:
         trl_integration.remember_source(root, fused_loss)
         trl_integration.install()
 
-    if report.norms + report.mlps + report.attentions == 0:
+    if report.norms + report.mlps + report.attentions == 0 and not report.fused_loss:
         logger.warning("fastft: %s has no block fastft recognises; it runs unpatched (correct, not faster)", model_type)
     logger.info(report.summary())
     model.fastft_report = report

@@ -4,14 +4,15 @@ plain tensors fastft's fused LoRA Functions take.
 :func:`read_projection` returns a :class:`fastft.kernels.lora.LoRAProjection` describing what the module's own
 forward would compute *right now* (active adapter, ``disable_adapter()``, merged weights, train/eval for
 dropout), or ``None`` when the module does something the fused path does not implement (several active
-adapters at once, DoRA and other LoRA variants, a LoRA bias, 8-bit base weights, ``fan_in_fan_out`` layers).
-``None`` makes the caller use the module itself, which is always correct.
+adapters at once, DoRA and other LoRA variants, a LoRA bias, 8-bit base weights, ``fan_in_fan_out`` on anything
+but a transformers ``Conv1D``). ``None`` makes the caller use the module itself, which is always correct.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from fastft.kernels.lora import LoRAProjection
 from fastft.kernels.nf4 import NF4Weight
@@ -29,6 +30,10 @@ def _base_weight(base: nn.Module) -> tuple[object, torch.Tensor | None] | None:
         return NF4Weight.from_bnb(weight), base.bias
     if isinstance(base, nn.Linear) and isinstance(weight, torch.Tensor) and weight.is_floating_point():
         return weight, base.bias
+    if isinstance(base, Conv1D) and isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        # GPT-2's Conv1D stores (in, out) and computes addmm(b, x, W): the (out, in) weight is W.t(), a view
+        # (no copy) through which gradients reach the parameter.
+        return weight.t(), base.bias
     return None
 
 
@@ -42,7 +47,11 @@ def read_projection(module: nn.Module) -> LoRAProjection | None:
     if not _is_lora_layer(module):
         base = _base_weight(module)
         return None if base is None else LoRAProjection(base[0], base[1])
-    if getattr(module, "fan_in_fan_out", False) or getattr(module, "_fastft_unsupported", False):
+    if getattr(module, "_fastft_unsupported", False):
+        return None
+    # PEFT sets fan_in_fan_out for a Conv1D base (transposed storage, handled by _base_weight); its lora_A / lora_B
+    # are (r, in) and (out, r) either way. On any other base it would be a layout the fused path does not know.
+    if getattr(module, "fan_in_fan_out", False) and not isinstance(module.base_layer, Conv1D):
         return None
     base = _base_weight(module.base_layer)
     if base is None:

@@ -11,15 +11,15 @@ the code, not of the weights), on the module's device, under ``torch.no_grad``.
 from __future__ import annotations
 
 import inspect
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastft.kernels.layer_norm import layer_norm_reference
 from fastft.kernels.rms_norm import rms_norm_reference
-from fastft.kernels.rope import rope_reference
+from fastft.kernels.rms_norm_gated import rms_norm_gated_reference
 
 _EPS_ATTRS = ("variance_epsilon", "eps")
 _ACT_ATTRS = ("act_fn", "activation_fn", "act")
@@ -87,6 +87,56 @@ def probe_norm_offset(module: nn.Module, eps_attr: str, expected_offset: float) 
     return None
 
 
+# ------------------------------------------------------------------------------------------------ output dropout
+
+
+def output_dropout(module: nn.Module) -> str | None:
+    """The attribute holding an MLP's output dropout: an ``nn.Dropout`` child (GPT-2's ``dropout``) or a float
+    probability (Seed-OSS's ``residual_dropout``, applied with ``F.dropout``), when the module has exactly one."""
+    found = [n for n, c in module.named_children() if isinstance(c, nn.Dropout)]
+    found += [n for n, v in vars(module).items() if "dropout" in n.lower() and isinstance(v, float)]
+    return found[0] if len(found) == 1 else None
+
+
+def apply_dropout(module: nn.Module, name: str | None, y: torch.Tensor) -> torch.Tensor:
+    """``y`` through the module's output dropout ``name`` (as its own forward applies it)."""
+    if name is None:
+        return y
+    dropout = getattr(module, name)
+    return dropout(y) if isinstance(dropout, nn.Module) else F.dropout(y, p=dropout, training=module.training)
+
+
+class _TrainingProbe:
+    """The module in training mode with its output dropout switched off, for the duration of a probe: any other
+    randomness in training then shows as a mismatch (a block fastft would otherwise run without it)."""
+
+    def __init__(self, module: nn.Module, dropout: str | None):
+        self.module, self.dropout = module, dropout
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.module.modules()]
+        self.module.train()
+        if self.dropout is not None:
+            holder = getattr(self.module, self.dropout)
+            self.p = holder.p if isinstance(holder, nn.Module) else holder
+            if isinstance(holder, nn.Module):
+                holder.p = 0.0
+            else:
+                setattr(self.module, self.dropout, 0.0)
+        return self
+
+    def __exit__(self, *exc):
+        if self.dropout is not None:
+            holder = getattr(self.module, self.dropout)
+            if isinstance(holder, nn.Module):
+                holder.p = self.p
+            else:
+                setattr(self.module, self.dropout, self.p)
+        for m, training in self.flags:
+            m.training = training
+        return False
+
+
 # ------------------------------------------------------------------------------------------------ gated MLP
 
 
@@ -95,11 +145,12 @@ class MLPLayout:
     """Attribute names of a gated MLP: ``down(act(gate(x)) * up(x))`` or, fused, ``gate, up = gate_up(x).chunk(2)``."""
 
     down: str
-    act: str
+    act: str | None  # None: the activation is in the module's code (LFM2), named by ``activation``
     activation: str
     gate: str | None = None
     up: str | None = None
     gate_up: str | None = None
+    dropout: str | None = None  # output dropout (see output_dropout)
 
 
 def probe_activation(act: object) -> str | None:
@@ -120,22 +171,26 @@ def probe_activation(act: object) -> str | None:
 
 def mlp_layout(module: nn.Module) -> MLPLayout | None:
     """The gated-MLP layout of ``module`` if it has one fastft's kernels implement, else None."""
+    if all(_is_module(module, n) for n in ("w1", "w2", "w3")) and not any(hasattr(module, a) for a in _ACT_ATTRS):
+        # LFM2: w2(silu(w1(x)) * w3(x)) with the activation in its code; the probe tries each one fastft has.
+        return MLPLayout(down="w2", act=None, activation="swiglu", gate="w1", up="w3", dropout=output_dropout(module))
     act_attr = next((a for a in _ACT_ATTRS if hasattr(module, a)), None)
     if act_attr is None or not _is_module(module, "down_proj"):
         return None
     activation = probe_activation(getattr(module, act_attr))
     if activation is None:
         return None
+    dropout = output_dropout(module)
     if _is_module(module, "gate_proj") and _is_module(module, "up_proj"):
-        return MLPLayout(down="down_proj", act=act_attr, activation=activation, gate="gate_proj", up="up_proj")
+        return MLPLayout("down_proj", act_attr, activation, gate="gate_proj", up="up_proj", dropout=dropout)
     if _is_module(module, "gate_up_proj"):
-        return MLPLayout(down="down_proj", act=act_attr, activation=activation, gate_up="gate_up_proj")
+        return MLPLayout("down_proj", act_attr, activation, gate_up="gate_up_proj", dropout=dropout)
     return None
 
 
 def run_layout(module: nn.Module, layout: MLPLayout, x: torch.Tensor) -> torch.Tensor:
     """The gated-MLP formula of ``layout`` run through the module's own submodules (the probe's expectation)."""
-    act = getattr(module, layout.act)
+    act = getattr(module, layout.act) if layout.act is not None else _ACTIVATIONS[layout.activation]
     if layout.gate_up is not None:
         gate, up = getattr(module, layout.gate_up)(x).chunk(2, dim=-1)
     else:
@@ -143,20 +198,23 @@ def run_layout(module: nn.Module, layout: MLPLayout, x: torch.Tensor) -> torch.T
     return getattr(module, layout.down)(act(gate) * up)
 
 
-def probe_mlp(module: nn.Module, layout: MLPLayout, hidden_size: int, dtype: torch.dtype) -> bool:
-    """True when ``module(x)`` computes ``layout``'s formula (checked on two random rows)."""
+def probe_mlp(module: nn.Module, layout: MLPLayout, hidden_size: int, dtype: torch.dtype) -> MLPLayout | None:
+    """``layout`` when ``module(x)`` computes its formula (checked on two random rows), else None; a layout whose
+    activation is in the module's code is tried with each activation fastft has."""
     params = list(module.parameters())
     device = params[0].device if params else torch.device("cpu")
     if device.type == "meta":
-        return True
+        return layout
+    candidates = [layout] if layout.act is not None else [replace(layout, activation=a) for a in _ACTIVATIONS]
     # x requires grad so the probe is a training-style call: bitsandbytes repacks 4-bit CPU weights in place on
     # its first no-grad eval call, and a probe must not change the model it looks at.
     x = torch.randn(2, hidden_size, generator=_generator()).to(device, dtype).requires_grad_()
     try:
-        with torch.enable_grad():
-            return _close(module(x).detach(), run_layout(module, layout, x).detach())
+        with torch.enable_grad(), _TrainingProbe(module, layout.dropout):
+            y = module(x).detach()
+            return next((c for c in candidates if _close(y, run_layout(module, c, x).detach())), None)
     except (RuntimeError, TypeError, ValueError):
-        return False
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ attention
@@ -174,37 +232,36 @@ class AttentionLayout:
 
 
 def attention_layout(module: nn.Module) -> AttentionLayout | None:
-    """Projection layout of an attention module (separate q/k/v or Phi-3's fused qkv), or None."""
-    if not _is_module(module, "o_proj") or not isinstance(getattr(module, "head_dim", None), int):
+    """Projection layout of an attention module: separate q/k/v, Phi-3's fused qkv, or MLA's (DeepSeek-V2/V3,
+    Kimi, GLM-4-MoE-lite: low-rank q and kv projections, of which only o_proj is fused), or None."""
+    if (
+        _is_module(module, "c_attn")
+        and _is_module(module, "c_proj")
+        and isinstance(getattr(module, "head_dim", None), int)
+    ):
+        return AttentionLayout(o="c_proj", qkv="c_attn")  # GPT-2, GPT-BigCode: one fused q/k/v projection
+    o = next((n for n in ("o_proj", "dense", "out_proj") if _is_module(module, n)), None)  # Phi: dense
+    if o is None:
+        return None
+    if isinstance(getattr(module, "qk_rope_head_dim", None), int) and _is_module(module, "kv_b_proj"):
+        return AttentionLayout(o=o)
+    if not isinstance(getattr(module, "head_dim", None), int):
         return None
     if all(_is_module(module, n) for n in ("q_proj", "k_proj", "v_proj")):
-        return AttentionLayout(o="o_proj", q="q_proj", k="k_proj", v="v_proj")
+        return AttentionLayout(o=o, q="q_proj", k="k_proj", v="v_proj")
     if _is_module(module, "qkv_proj"):
-        return AttentionLayout(o="o_proj", qkv="qkv_proj")
+        return AttentionLayout(o=o, qkv="qkv_proj")
     return None
 
 
-def rotary_function_home(attention_class: type) -> object | None:
-    """The module whose global ``apply_rotary_pos_emb`` the attention's forward calls, if it has one."""
-    home = sys.modules.get(attention_class.__module__)
-    return home if callable(getattr(home, "apply_rotary_pos_emb", None)) else None
-
-
-def probe_rope(function: object, head_dim: int, rotary_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """True when ``function(q, k, cos, sin)`` is rotate-half RoPE (as :func:`fastft.kernels.rope`)."""
-    gen = _generator()
-    q = torch.randn(2, 3, 5, head_dim, generator=gen).to(device, dtype)
-    k = torch.randn(2, 1, 5, head_dim, generator=gen).to(device, dtype)
-    angles = torch.rand(2, 5, rotary_dim // 2, generator=gen) * 6.28
-    cos = torch.cat((angles.cos(), angles.cos()), -1).to(device, dtype)
-    sin = torch.cat((angles.sin(), angles.sin()), -1).to(device, dtype)
-    with torch.no_grad():
-        try:
-            got = function(q, k, cos, sin)
-        except (RuntimeError, TypeError, ValueError):
-            return False
-        want = rope_reference(q, k, cos, sin)
-    return isinstance(got, tuple) and len(got) == 2 and all(_close(a, b) for a, b in zip(got, want))
+def attention_rope_dims(module: nn.Module, config: object) -> tuple[int, int]:
+    """(head width, rotated width) of the q/k tensors an attention block passes to its rotary function: the
+    rope part of MLA (``qk_rope_head_dim``, all rotated), else ``head_dim`` with the partial rotary factor."""
+    mla = getattr(module, "qk_rope_head_dim", None)
+    if isinstance(mla, int):
+        return mla, mla
+    head_dim = module.head_dim
+    return head_dim, rotary_dim(config, head_dim)
 
 
 def rotary_dim(config: object, head_dim: int) -> int:
@@ -231,6 +288,15 @@ def forward_takes_one_tensor(cls: type) -> bool:
     return all(p.default is not p.empty for p in positional[1:]) and all(
         p.default is not p.empty for p in params if p.kind == p.KEYWORD_ONLY
     )
+
+
+def forward_takes_hidden_states(cls: type) -> bool:
+    """True when ``cls.forward`` takes the hidden states as its first parameter (how attention is called)."""
+    try:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    return bool(params) and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD)
 
 
 def is_gated_norm(module: nn.Module) -> bool:
@@ -269,15 +335,23 @@ def _head_candidates(config: object) -> list[HeadTransform]:
     number of the config whose name speaks of logits or of the head (Granite's ``logits_scaling``, Cohere's
     ``logit_scale``, Falcon-H1's ``lm_head_multiplier``), as a factor and as a divisor, with and without the cap."""
     values = config.to_dict() if hasattr(config, "to_dict") else {}
-    softcap = values.get("final_logit_softcapping")
-    caps = [float(softcap)] if isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and softcap else []
+    numbers = {
+        name.lower(): float(value)
+        for name, value in values.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value
+    }
+    # final_logit_softcapping (Gemma 2/3), logits_soft_cap (RecurrentGemma); attention caps are tried too (a
+    # probe tells them apart), the declared final cap first.
+    caps = sorted(
+        (v for n, v in numbers.items() if "softcap" in n or "soft_cap" in n),
+        key=lambda v: v != numbers.get("final_logit_softcapping"),
+    )
     scales = []
-    for name, value in values.items():
-        lowered = name.lower()
-        if "softcap" in lowered or isinstance(value, bool) or not isinstance(value, (int, float)) or not value:
+    for lowered, value in numbers.items():
+        if "softcap" in lowered or "soft_cap" in lowered:
             continue
         if "logit" in lowered or "lm_head" in lowered or "output_mult" in lowered:
-            scales += [float(value), 1.0 / float(value)]
+            scales += [value, 1.0 / value]
     out = [HeadTransform(softcap=c) for c in caps] + [HeadTransform()]
     out += [HeadTransform(logit_scale=s, softcap=c) for s in scales for c in (*caps, None)]
     return out
@@ -353,3 +427,161 @@ def probe_head(model: nn.Module, head: nn.Module, config: object) -> tuple[HeadT
 def _short(exc: BaseException, limit: int = 160) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------------------------------------ gated RMSNorm
+
+
+def _gated_norm_candidates(module: nn.Module, width: int) -> list[dict]:
+    """Flag sets of :func:`fastft.kernels.rms_norm_gated` to try: gate first or last, SiLU or sigmoid, the two
+    rounding families, and the module's own group size (``group_size``, or ``H // n_groups``) or none."""
+    groups = [None]
+    if isinstance(getattr(module, "group_size", None), int):
+        groups.insert(0, module.group_size)
+    n_groups = getattr(module, "n_groups", None)
+    if isinstance(n_groups, int) and n_groups > 0 and width % n_groups == 0:
+        groups.insert(0, width // n_groups)
+    return [
+        {"norm_before_gate": before, "activation": act, "weight_in_fp32": fp32, "group_size": group}
+        for group in dict.fromkeys(groups)
+        for before in (True, False)
+        for act in ("silu", "sigmoid")
+        for fp32 in (False, True)
+    ]
+
+
+def probe_gated_norm(module: nn.Module, eps_attr: str) -> dict | None:
+    """The keyword flags of :func:`fastft.kernels.rms_norm_gated` that ``module(x, gate)`` computes, or None.
+
+    Checked twice on random rows: in fp32 (the formula: order, activation, groups) and in bf16 (where the two
+    rounding families differ), each against the reference in the same dtype, bit-close (a few roundings)."""
+    weight = module.weight
+    if not _on_real_device(weight):
+        return None
+    width, eps = weight.shape[0], getattr(module, eps_attr)
+    gen = _generator()
+    x = torch.randn(3, width, generator=gen) * 3
+    gate = torch.randn(3, width, generator=gen) * 3
+    w = torch.randn(width, generator=gen)
+    remaining = _gated_norm_candidates(module, width)
+    for dtype in (torch.float32, torch.bfloat16):
+        args = [t.to(weight.device, dtype) for t in (x, gate, w)]
+        with torch.no_grad():
+            try:
+                y = torch.func.functional_call(module, {"weight": args[2]}, (args[0], args[1]))
+            except Exception:  # noqa: BLE001 - a module that cannot be called so is not this kind
+                return None
+            kept = []
+            for flags in remaining:
+                try:
+                    expected = rms_norm_gated_reference(*args, eps, **flags)
+                except ValueError:
+                    continue
+                if isinstance(y, torch.Tensor) and _close(y, expected):
+                    kept.append(flags)
+        remaining = kept
+        if not remaining:
+            return None
+    return remaining[0]
+
+
+# ------------------------------------------------------------------------------------------------ LayerNorm
+
+
+@dataclass(frozen=True)
+class LayerNormSpec:
+    """How a LayerNorm-like module computes: :func:`fastft.kernels.layer_norm` with these arguments (the weight
+    and bias are the module's own, when it has them)."""
+
+    eps: float
+    offset: float = 0.0
+
+
+def is_layer_norm(module: nn.Module) -> bool:
+    """``nn.LayerNorm`` or a module called "...LayerNorm" whose weight and bias (if any) are 1-D."""
+    if not (isinstance(module, nn.LayerNorm) or "layernorm" in type(module).__name__.lower()):
+        return False
+    for name in ("weight", "bias"):
+        value = getattr(module, name, None)
+        if value is not None and (not isinstance(value, torch.Tensor) or value.dim() != 1):
+            return False
+    return True
+
+
+def probe_layer_norm(module: nn.Module) -> LayerNormSpec | None:
+    """Which ``layer_norm(x, weight, bias, eps, offset)`` the module computes (eps from its attribute, or the
+    usual 1e-5 / 1e-6 for modules that hard-code it; offset 0 or Nemotron's 1), or None."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    params = [t for t in (weight, bias) if isinstance(t, torch.Tensor)]
+    if not forward_takes_one_tensor(type(module)) or any(t.is_meta for t in params):
+        return None
+    width = params[0].shape[0] if params else 64
+    device = params[0].device if params else torch.device("cpu")
+    dtype = params[0].dtype if params else torch.float32
+    eps_values = [getattr(module, a) for a in _EPS_ATTRS if isinstance(getattr(module, a, None), float)]
+    eps_values = [*eps_values, 1e-5, 1e-6]
+    gen = _generator()
+    x = (torch.randn(3, width, generator=gen) * 3 + 1).to(device, dtype)
+    replaced = {
+        n: torch.randn(t.shape, generator=gen).to(t.device, t.dtype)
+        for n, t in (("weight", weight), ("bias", bias))
+        if isinstance(t, torch.Tensor)
+    }
+    with torch.no_grad():
+        try:
+            y = torch.func.functional_call(module, replaced, (x,))
+        except Exception:  # noqa: BLE001 - not callable on one tensor: not this kind
+            return None
+        for eps in dict.fromkeys(eps_values):
+            for offset in (0.0, 1.0):
+                expected = layer_norm_reference(x, replaced.get("weight"), replaced.get("bias"), eps, offset)
+                if isinstance(y, torch.Tensor) and _close(y, expected):
+                    return LayerNormSpec(float(eps), offset)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ non-gated MLP
+
+# (up, down) projection names of the non-gated MLPs transformers ships: GPT-2 / StarCoder2 / GPT-BigCode, Phi,
+# Nemotron / Apertus, GPT-NeoX / Falcon.
+_UNGATED_NAMES = (("c_fc", "c_proj"), ("fc1", "fc2"), ("up_proj", "down_proj"), ("dense_h_to_4h", "dense_4h_to_h"))
+
+
+@dataclass(frozen=True)
+class UngatedLayout:
+    """Attribute names of a non-gated MLP ``down(act(up(x)))`` and the activation fastft's kernel computes."""
+
+    up: str
+    down: str
+    act: str
+    activation: str
+    dropout: str | None = None  # output dropout (see output_dropout)
+
+
+def ungated_mlp_layout(module: nn.Module) -> UngatedLayout | None:
+    """The non-gated MLP layout of ``module`` when its activation is one fastft's kernel computes, else None."""
+    from fastft.kernels.activation import activation_name
+
+    if _is_module(module, "gate_proj") or _is_module(module, "gate_up_proj"):
+        return None
+    act_attr = next((a for a in (*_ACT_ATTRS, "activation") if callable(getattr(module, a, None))), None)
+    names = next(((u, d) for u, d in _UNGATED_NAMES if _is_module(module, u) and _is_module(module, d)), None)
+    if act_attr is None or names is None:
+        return None
+    name = activation_name(getattr(module, act_attr))
+    return None if name is None else UngatedLayout(names[0], names[1], act_attr, name, output_dropout(module))
+
+
+def probe_ungated_mlp(module: nn.Module, layout: UngatedLayout, hidden_size: int, dtype: torch.dtype) -> bool:
+    """True when ``module(x)`` computes ``down(act(up(x)))`` with its own submodules (two random rows)."""
+    params = list(module.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    if device.type == "meta":
+        return True
+    x = torch.randn(2, hidden_size, generator=_generator()).to(device, dtype).requires_grad_()
+    try:
+        with torch.enable_grad(), _TrainingProbe(module, layout.dropout):
+            expected = getattr(module, layout.down)(getattr(module, layout.act)(getattr(module, layout.up)(x)))
+            return _close(module(x).detach(), expected.detach())
+    except (RuntimeError, TypeError, ValueError):
+        return False

@@ -26,7 +26,18 @@ def test_every_bench_finds_its_bytes_model():
             if case is not None:
                 assert bench.bytes_model(b, case), f"{b.name}: no audit case {case!r} in {b.module}"
     names = {b.module for b in bench.benches(CPU)}
-    assert names == {"rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy"}
+    assert names == {
+        "rms_norm",
+        "rms_norm_gated",
+        "layer_norm",
+        "rope",
+        "rope_interleaved",
+        "swiglu",
+        "geglu",
+        "activation",
+        "cross_entropy",
+        "fused_linear_cross_entropy",
+    }
 
 
 def test_a_failing_contender_is_recorded_not_raised():

@@ -491,7 +491,7 @@ def test_lora_mlp_saves_x_gate_up_and_rank_sized_products(backend_name, fused):
     with backend(backend_name), SavedTensorMeter() as meter:
         y = _mlp_fn("swiglu", fused)(x, projs)
     ranks = [p.lora_A.shape[0] for p in projs]
-    saved = y.grad_fn.saved_tensors
+    saved = y._base.grad_fn.saved_tensors  # y is a view of the Function's 2-D output
     assert sum(t is not None and t.data_ptr() == x.data_ptr() for t in saved) == 1  # x itself, once
     big = [t for t in meter.saved if t.shape[0] == n and t.shape[-1] >= n_inter]
     assert [(t.shape, t.dtype) for t in big] == (
@@ -533,7 +533,7 @@ def test_lora_qkv_saves_x_once():
     x = make_x(gen, (2, 10), 32, torch.bfloat16, "contiguous")
     with SavedTensorMeter() as meter:
         q, _, _ = lora_qkv(x, *projs)
-    assert sum(t is not None and t.data_ptr() == x.data_ptr() for t in q.grad_fn.saved_tensors) == 1
+    assert sum(t is not None and t.data_ptr() == x.data_ptr() for t in q._base.grad_fn.saved_tensors) == 1
     assert sum(t.shape == x.shape or t.shape == (20, 32) for t in meter.saved) == 1
     weights = sum(t.untyped_storage().nbytes() for p in projs for t in (p.weight, p.lora_A, p.lora_B))
     assert meter.total_bytes == weights + x.numel() * 2 + 20 * 12 * 4  # x, and s*xa (N, 3r) in fp32

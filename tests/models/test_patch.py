@@ -14,7 +14,7 @@ import logging
 import pytest
 import torch
 
-from fastft.models import layers
+from fastft.models import layers, rotary
 from fastft.models.patch import patch
 from tests.models.tiny import FAMILIES, batch, tiny_model, twins
 
@@ -42,14 +42,17 @@ def _assert_same_grads(fast: torch.nn.Module, plain: torch.nn.Module) -> None:
 def spy(monkeypatch):
     """Count the calls fastft's patched modules make into the kernels (proves the fast path really ran)."""
     counts: dict[str, int] = {}
-    for name in ("rms_norm", "rope", "lora_mlp", "lora_qkv", "lora_linear", "fused_linear_cross_entropy"):
-        original = getattr(layers, name)
+    for home, name in (
+        *((layers, n) for n in ("rms_norm", "lora_mlp", "lora_qkv", "lora_linear", "fused_linear_cross_entropy")),
+        (rotary, "rope"),
+    ):
+        original = getattr(home, name)
 
         def counting(*args, _name=name, _original=original, **kwargs):
             counts[_name] = counts.get(_name, 0) + 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(layers, name, counting)
+        monkeypatch.setattr(home, name, counting)
     return counts
 
 
@@ -57,6 +60,7 @@ def spy(monkeypatch):
 def test_lora_matches_peft_fp32(family, spy):
     plain, fast = twins(family)
     patch(fast)
+    spy.clear()  # the probes of patch() call the kernels too; count the training step only
     plain.train(), fast.train()
     inputs = batch()
     ref, out = plain(**inputs), fast(**inputs)
@@ -257,11 +261,34 @@ def test_checkpointing_calls_of_trainers_still_work():
     assert _rel(fast(**inputs).loss, ref) < 1e-5
 
 
-def test_unknown_architecture_runs_unpatched_with_one_warning(caplog):
-    import transformers
+class _UnknownLM(torch.nn.Module):
+    """A model with a config and nothing fastft knows: no norm, MLP or attention, and a loss that is not the
+    shifted cross-entropy of its logits (it scores each position against its own token)."""
 
-    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)
-    model = transformers.GPT2LMHeadModel(config).eval()
+    def __init__(self):
+        super().__init__()
+        import transformers
+
+        self.config = transformers.PretrainedConfig(model_type="unknown-lm")
+        self.embed, self.mix, self.head = (
+            torch.nn.Embedding(64, 16),
+            torch.nn.Conv1d(16, 16, 1),
+            torch.nn.Linear(16, 64),
+        )
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, labels=None):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        logits = self.head(self.mix(self.embed(input_ids).transpose(1, 2)).transpose(1, 2))
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+def test_unknown_architecture_runs_unpatched_with_one_warning(caplog):
+    model = _UnknownLM().eval()
     reference = copy.deepcopy(model)
     with caplog.at_level(logging.WARNING, logger="fastft"):
         patch(model)

@@ -128,16 +128,39 @@ def _projection(out_features: int, in_features: int) -> LoRAProjection:
     return LoRAProjection(weight=torch.randn(out_features, in_features, requires_grad=True))
 
 
-@pytest.mark.parametrize("op", ["linear", "qkv", "mlp"])
-def test_fused_functions_return_tensors_the_caller_may_change_in_place(op):
-    """Llama 4's shared expert adds in place to the MLP's output: autograd refused views made in a Function."""
+def _kernel_outputs(op: str, x: torch.Tensor) -> list[torch.Tensor]:
+    from fastft import kernels
+
+    w = torch.rand(8, requires_grad=True)
+    q, k = x.unsqueeze(1).expand(2, 2, 3, 8), x.unsqueeze(1)
+    cos, sin = torch.rand(1, 3, 8), torch.rand(1, 3, 8)
+    calls = {
+        "lora_linear": lambda: [lora_linear(x, _projection(6, 8))],
+        "lora_qkv": lambda: list(lora_qkv(x, _projection(8, 8), _projection(4, 8), _projection(4, 8))),
+        "lora_mlp": lambda: [lora_mlp(x, _projection(12, 8), _projection(12, 8), _projection(8, 12), "swiglu")],
+        "lora_ungated_mlp": lambda: [kernels.lora_ungated_mlp(x, _projection(12, 8), _projection(8, 12), "gelu")],
+        "rms_norm": lambda: [kernels.rms_norm(x, w, 1e-6)],
+        "rms_norm_gated": lambda: [kernels.rms_norm_gated(x, x * 2, w, 1e-6)],
+        "layer_norm": lambda: [kernels.layer_norm(x, w, w, 1e-5)],
+        "swiglu": lambda: [kernels.swiglu(x, x * 2)],
+        "geglu": lambda: [kernels.geglu(x, x * 2)],
+        "activation": lambda: [kernels.activation(x, "relu2")],
+        "rope": lambda: list(kernels.rope(q, k, cos, sin)),
+        "rope_interleaved": lambda: list(kernels.rope_interleaved(q, k, cos[..., :4], sin[..., :4])),
+    }
+    return calls[op]()
+
+
+@pytest.mark.parametrize(
+    "op",
+    ["lora_linear", "lora_qkv", "lora_mlp", "lora_ungated_mlp", "rms_norm", "rms_norm_gated", "layer_norm", "swiglu",
+     "geglu", "activation", "rope", "rope_interleaved"],
+)  # fmt: skip
+def test_kernels_return_tensors_the_caller_may_change_in_place(op):
+    """Llama 4's shared expert adds in place to the MLP's output, XLM's attention to a LayerNorm's: autograd
+    refuses in-place changes of views made inside a custom Function, so every kernel reshapes outside it."""
     x = torch.randn(2, 3, 8, requires_grad=True)
-    if op == "linear":
-        outs = [lora_linear(x, _projection(6, 8))]
-    elif op == "qkv":
-        outs = list(lora_qkv(x, _projection(8, 8), _projection(4, 8), _projection(4, 8)))
-    else:
-        outs = [lora_mlp(x, _projection(12, 8), _projection(12, 8), _projection(8, 12), "swiglu")]
+    outs = _kernel_outputs(op, x)
     expected = [out.detach().clone() + 1 for out in outs]
     for out in outs:
         out.add_(1)
