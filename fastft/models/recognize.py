@@ -568,6 +568,10 @@ def ungated_mlp_layout(module: nn.Module) -> UngatedLayout | None:
     names = next(((u, d) for u, d in _UNGATED_NAMES if _is_module(module, u) and _is_module(module, d)), None)
     if act_attr is None or names is None:
         return None
+    # An MLP holds its projections, activation and dropout and nothing else (a decoder layer with fc1/fc2 is not one).
+    own = {*names, act_attr}
+    if any(n not in own and not isinstance(c, nn.Dropout) for n, c in module.named_children()):
+        return None
     name = activation_name(getattr(module, act_attr))
     return None if name is None else UngatedLayout(names[0], names[1], act_attr, name, output_dropout(module))
 
