@@ -56,11 +56,13 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
-def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A randomly initialised (seeded) tiny causal LM of ``family`` in eager attention."""
+def tiny_model(
+    family: str, dtype: torch.dtype = torch.float32, seed: int = 0, attn_implementation: str = "eager", **overrides
+) -> torch.nn.Module:
+    """A randomly initialised (seeded) tiny causal LM of ``family`` (eager attention unless told otherwise)."""
     config_name, model_name, extra = FAMILIES[family]
     config = getattr(transformers, config_name)(**{**COMMON, **extra, **overrides})
-    config._attn_implementation = "eager"
+    config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).to(dtype)
     with torch.no_grad():  # Gemma initialises norm weights to 0 (and Llama to 1): make every weight matter
@@ -76,9 +78,14 @@ def lora_config(family: str, r: int = 4, **kwargs) -> peft.LoraConfig:
     return peft.LoraConfig(r=r, lora_alpha=8, target_modules=targets, init_lora_weights=False, **kwargs)
 
 
-def twins(family: str, dtype: torch.dtype = torch.float32, lora: bool = True, **lora_kwargs):
-    """(plain, other): two identical models — PEFT-wrapped with the same random adapters when ``lora``."""
-    plain = tiny_model(family, dtype)
+def twins(
+    family: str, dtype: torch.dtype = torch.float32, lora: bool = True, model_kwargs: dict | None = None, **lora_kwargs
+):
+    """(plain, other): two identical models — PEFT-wrapped with the same random adapters when ``lora``.
+
+    ``model_kwargs`` go to :func:`tiny_model` (config overrides, ``attn_implementation``).
+    """
+    plain = tiny_model(family, dtype, **(model_kwargs or {}))
     other = copy.deepcopy(plain)
     if lora:
         config = lora_config(family, **lora_kwargs)
@@ -100,3 +107,41 @@ def batch(vocab: int = 128, seed: int = 5) -> dict[str, torch.Tensor]:
     labels[0, :4] = -100
     labels[1, :3] = -100
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def text_batches(n_batches: int, rows: int) -> list[dict[str, torch.Tensor]]:
+    """``n_batches`` distinct batches of real text: the instruction data shipped in ``fastft/bench/assets``
+    (arithmetic with worked answers, rewriting, made-up facts), tokenised with the BPE tokenizer shipped next to it
+    (vocabulary 2048, bos 0, eos 4, pad 5: pass ``TEXT_VOCAB`` as the model's config).
+
+    One example per row: ``<bos> prompt response <eos>``, right-padded to the batch's longest row; labels are
+    -100 on the prompt and on the padding, so the loss covers the responses only (as SFT trains).
+    """
+    from fastft.bench.assets import default_examples, default_tokenizer
+
+    tokenizer = default_tokenizer()
+    examples = default_examples()
+    if n_batches * rows > len(examples):
+        raise ValueError(f"text_batches: {n_batches} x {rows} rows, but the corpus has {len(examples)} examples")
+    batches = []
+    for start in range(0, n_batches * rows, rows):
+        prompts, labelled = [], []
+        for example in examples[start : start + rows]:
+            prompt = tokenizer(example["prompt"])["input_ids"]
+            response = tokenizer(" " + example["response"], add_special_tokens=False)["input_ids"]
+            prompts.append(len(prompt))
+            labelled.append(prompt + response + [tokenizer.eos_token_id])
+        width = max(len(ids) for ids in labelled)
+        input_ids = torch.full((rows, width), tokenizer.pad_token_id)
+        attention_mask = torch.zeros(rows, width, dtype=torch.long)
+        labels = torch.full((rows, width), -100)
+        for i, (ids, n_prompt) in enumerate(zip(labelled, prompts)):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention_mask[i, : len(ids)] = 1
+            labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+    return batches
+
+
+# The token ids of the tokenizer behind :func:`text_batches` (config overrides for a model that reads them).
+TEXT_VOCAB = {"vocab_size": 2048, "bos_token_id": 0, "eos_token_id": 4, "pad_token_id": 5}
