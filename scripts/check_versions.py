@@ -10,7 +10,8 @@ release and whenever a floor in pyproject.toml moves: a floor that fails here mu
 - ``floors``: every ``>=`` lower bound of pyproject's dependencies, pinned exactly (torch excepted);
 - ``gpu``: the lent GPU machine's set (transformers 5.17, triton 3.6, accelerate 1.15; peft and trl as wheels).
 
-Prints one line per set (passed / failed and the pytest summary) and exits 1 if any set failed.
+Prints one line per set (passed / failed and the pytest summary; the whole output is in
+``/tmp/fastft-versions/NAME.log``) and exits 1 if any set failed.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_CPU = "torch==2.13.0"
@@ -32,6 +34,9 @@ GPU_SET = [
     "peft==0.21.2",
     "trl==1.16.0",
     "bitsandbytes==0.50.2",
+    # Not the GPU machine's numpy (2.4): triton 3.6's interpreter, which runs the kernels on this CPU, fails with
+    # numpy >= 2.4 (scalars held as one-element arrays). Compiled kernels on the GPU do not use it.
+    "numpy<2.4",
 ]
 
 
@@ -55,8 +60,14 @@ def run_set(name: str, pins: list[str], tests: list[str], keep: bool) -> tuple[b
     subprocess.run([*pip, TORCH_CPU], check=True)
     subprocess.run([*pip, "-e", f"{ROOT}[dev]", *pins], check=True)
     result = subprocess.run(
-        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT, capture_output=True, text=True
+        [python, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *tests],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
+    log = Path("/tmp/fastft-versions") / f"{name}.log"
+    log.write_text(result.stdout + result.stderr)
     lines = [line for line in result.stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
     if not keep:
         shutil.rmtree(venv, ignore_errors=True)

@@ -31,12 +31,16 @@ def _causal_lm(model: nn.Module) -> nn.Module:
     return causal_lm(model)
 
 
-def head_transform(config: object) -> tuple[float | None, float | None]:
-    """(softcap, logit_scale) of the model's logits, read from its config as TRL's fused head reads them.
+def head_transform(config: object, model: nn.Module | None = None) -> tuple[float | None, float | None]:
+    """(softcap, logit_scale) of the model's logits: what :func:`fastft.patch` found by probing ``model``'s own
+    head when it did, else read from its config as TRL's fused head reads them.
 
     Gemma 2/3: ``final_logit_softcapping``; Cohere: ``logit_scale``; Granite/MiniCPM3: ``1 / logits_scaling``;
     Falcon-H1: ``lm_head_multiplier``. None where the config has none (no transform).
     """
+    probed = getattr(model, "_fastft_head_transform", None) if model is not None else None
+    if probed is not None:
+        return probed.softcap, probed.logit_scale
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     softcap = getattr(text, "final_logit_softcapping", None)
     scale = getattr(text, "logit_scale", None)
@@ -103,7 +107,7 @@ def head_log_probs(
             "fastft.rl.heads.run_in_root(model, compute, *tensors) (as causal_log_probs and fastft.rl's "
             "PPO/ORPO/CPO trainers do), which runs them under the root unit's all-gather."
         )
-    softcap, logit_scale = head_transform(lm.config)
+    softcap, logit_scale = head_transform(lm.config, lm)
     with gathered_head(weight, bias):  # DeepSpeed ZeRO-3 partitions the head between uses
         return linear_log_probs(
             hidden.to(weight.device),

@@ -98,7 +98,8 @@ def _mean_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     the logits are not linear in h: a no-grad chunked head pass computes them (``stats=True``).
     """
     head = output_linear(model)
-    softcap, logit_scale = head_transform(_causal_lm(model).config)
+    lm = _causal_lm(model)
+    softcap, logit_scale = head_transform(lm.config, lm)
     weight, bias = head.weight, head.bias
     # A metric, computed in fp32 outside the trainer's mixed-precision autocast (the head pass runs inside it).
     with torch.autocast(device_type=hidden.device.type, enabled=False):

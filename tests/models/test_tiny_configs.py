@@ -71,6 +71,12 @@ def test_composite_root_shrinks_its_sub_configs() -> None:
 
 
 def test_tables_name_causal_lm_types() -> None:
+    """Every row names a causal LM type (the tables were written on transformers 5.25; an older one lacks some)."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("5.25"):
+        pytest.skip(f"the tables name types of transformers 5.25; this is {transformers.__version__}")
     assert set(OVERRIDES) <= set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     assert set(UNBUILDABLE) <= set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     assert all(reason.strip() for reason in UNBUILDABLE.values())
