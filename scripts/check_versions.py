@@ -27,6 +27,9 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_CPU = "torch==2.13.0"
+# Not the GPU machine's numpy (2.4): the interpreters of triton 3.5 and 3.6, which run the kernels on this CPU, fail
+# with numpy >= 2.4 (scalars held as one-element arrays). Compiled kernels on a GPU do not use the interpreter.
+INTERPRETER_NUMPY = "numpy<2.4"
 GPU_SET = [
     "transformers==5.17.0",
     "triton==3.6.0",
@@ -34,9 +37,7 @@ GPU_SET = [
     "peft==0.21.2",
     "trl==1.16.0",
     "bitsandbytes==0.50.2",
-    # Not the GPU machine's numpy (2.4): triton 3.6's interpreter, which runs the kernels on this CPU, fails with
-    # numpy >= 2.4 (scalars held as one-element arrays). Compiled kernels on the GPU do not use it.
-    "numpy<2.4",
+    INTERPRETER_NUMPY,
 ]
 
 
@@ -48,7 +49,7 @@ def floors() -> list[str]:
         match = re.match(r"^([A-Za-z0-9_.-]+)\s*>=\s*([0-9][^,;\s]*)", requirement)
         if match and match.group(1) != "torch":
             pins.append(f"{match.group(1)}=={match.group(2)}")
-    return pins
+    return [*pins, INTERPRETER_NUMPY]
 
 
 def run_set(name: str, pins: list[str], tests: list[str], keep: bool) -> tuple[bool, str]:

@@ -12,8 +12,11 @@ One launch of 2 gloo ranks does everything multi-process (each launch re-imports
 The single-process references run in the test process. Tolerances (fp32): each rank of the 2-rank runs sees 2 of
 the 4 sequences of a global batch. A single process with the same micro-batches (``per_device_train_batch_size=2,
 gradient_accumulation_steps=2``) computes the same per-micro-batch sums, and FSDP2's averaging reduce-scatter and
-DDP's all-reduce add the two halves as the accumulation does: measured bitwise equal; asserted to 1e-6 relative
-(room for another gloo reduction order). One batch of 4 pads all four to one length, so the matmuls and the
+DDP's all-reduce add the two halves as the accumulation does: DDP measured bitwise equal, asserted to 1e-6 relative
+(room for another gloo reduction order). FSDP2 matches to 1e-6 on the first step; since the 2026-12-04 environment
+(torch 2.13, transformers 5.25, accelerate 1.15/1.16, datasets 5.2) its later steps part from the accumulation by
+3.6e-5 relative in the loss (measured, the same at the commit before; AdamW turns rounding-level differences of
+near-zero gradient elements into whole steps), so they are held to the reordered tolerance below. One batch of 4 pads all four to one length, so the matmuls and the
 attention sum in another order; at random initialisation the gradients are sums of terms of both signs (heavy
 cancellation), measured 8e-5 relative on the first gradient norm and 7e-6 on losses after updates: losses are
 asserted to 1e-4 relative there.
@@ -153,8 +156,12 @@ def test_fsdp2_sft_matches_single_process(runs):
     assert runs["ranks"][0]["fsdp2_wrapped"].startswith("FSDP")  # the sharded model itself, no DDP around it
     assert rank0 == rank1  # every rank logs the loss averaged over both
     assert len(rank0["loss"]) == STEPS
-    assert rank0["loss"] == pytest.approx(reference["loss"], rel=EXACT)
-    assert rank0["grad_norm"] == pytest.approx(reference["grad_norm"], rel=EXACT)  # clipped with the DTensor norm
+    # The first step (before any update) is exact; after it, AdamW's normalised updates carry FSDP2's reduction
+    # order (see the module docstring), so later steps are held to the reordered tolerance.
+    assert rank0["loss"][0] == pytest.approx(reference["loss"][0], rel=EXACT)
+    assert rank0["grad_norm"][0] == pytest.approx(reference["grad_norm"][0], rel=EXACT)  # the DTensor norm
+    assert rank0["loss"] == pytest.approx(reference["loss"], rel=REORDERED)
+    assert rank0["grad_norm"] == pytest.approx(reference["grad_norm"], rel=REORDERED)
     assert rank0["loss"] == pytest.approx(one_batch["loss"], rel=REORDERED)
     # TRL's fused head called get_output_embeddings() inside the root forward: a plain tagged tensor, fastft's kernel
     assert rank0["routed"]["fastft"] >= STEPS and rank0["routed"]["trl"] == 0
@@ -167,7 +174,11 @@ def test_fsdp2_save_model_writes_a_normal_adapter(runs):
     reference = {k.replace(".default", ""): v for k, v in runs["accumulated_adapter"].items()}
     assert saved.keys() == reference.keys()
     for name, value in saved.items():
-        torch.testing.assert_close(value, reference[name], rtol=EXACT, atol=1e-7)
+        # Whole tensors, gathered from the shards: norm-wise equal to the single process's adapter (a missing or
+        # misplaced shard is off by O(1)); elementwise, an AdamW step on a near-zero gradient element may differ by
+        # the reduction order (see the module docstring).
+        assert value.shape == reference[name].shape
+        assert (value - reference[name]).norm() <= 1e-2 * reference[name].norm(), name  # measured <= 1.6e-3
 
 
 def test_ddp_through_the_trainer(runs):
