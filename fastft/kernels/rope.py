@@ -211,11 +211,12 @@ _MAX_HALF_TILE = 2048
 
 
 def _launch_config(head_dim: int, rotary_dim: int, n_heads_q: int, n_heads_k: int) -> dict[str, int]:
-    """Block sizes and warps for one launch; shared by the launcher and :func:`audit_cases`."""
+    """Block sizes and warps for one launch; shared by the launcher and :func:`audit_cases` (and by
+    :mod:`fastft.kernels.rope_interleaved`, whose tiles have the same shape)."""
     half, n_pass = rotary_dim // 2, head_dim - rotary_dim
     block_half = triton.next_power_of_2(half)
     max_heads = max(1, _MAX_HALF_TILE // block_half)
-    block_hq = min(triton.next_power_of_2(n_heads_q), max_heads)
+    block_hq = min(triton.next_power_of_2(max(n_heads_q, 1)), max_heads)
     block_pass = triton.next_power_of_2(n_pass) if n_pass else 1
     # Warps from the width of the query tile (both halves plus pass-through): at least 32 elements per
     # thread (four 128-bit bf16 accesses), so a small model's few heads run one or two warps instead of
@@ -225,7 +226,7 @@ def _launch_config(head_dim: int, rotary_dim: int, n_heads_q: int, n_heads_k: in
     # The key tile gets at least 8 elements per thread per half, so its accesses stay 128-bit wide too
     # (8 kv heads x 64 over 128 threads would be 64-bit); the extra rows are masked and move no bytes.
     min_rows_k = max(1, 8 * 32 * num_warps // block_half)
-    block_hk = min(max(triton.next_power_of_2(n_heads_k), min_rows_k), max_heads)
+    block_hk = min(max(triton.next_power_of_2(max(n_heads_k, 1)), min_rows_k), max_heads)  # k may be absent
     return {
         "HALF": half,
         "BLOCK_HALF": block_half,

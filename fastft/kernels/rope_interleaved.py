@@ -75,6 +75,7 @@ import triton.language as tl
 
 from fastft.kernels._dispatch import use_triton
 from fastft.kernels._spec import AuditCase, Ptr
+from fastft.kernels.rope import _launch_config
 
 
 def _resolve_rotary_dim(name: str, head_dim: int, cos: torch.Tensor, rotary_dim: int | None) -> int:
@@ -281,35 +282,7 @@ def _rope_interleaved_kernel(
 # Launch heuristics and host launchers
 # ----------------------------------------------------------------------------------------------------------
 
-# Elements of one rotary tile ([heads, R]) a program holds at once: 4096 fp32 values are 32 per thread at
-# 4 warps (rope's 2048 per half), enough bytes in flight without spilling; wider models loop over head tiles.
-_MAX_ROTARY_TILE = 4096
-
-
-def _launch_config(head_dim: int, rotary_dim: int, n_heads_q: int, n_heads_k: int) -> dict[str, int]:
-    """Block sizes and warps for one launch; shared by the launcher and :func:`audit_cases`."""
-    half, n_pass = rotary_dim // 2, head_dim - rotary_dim
-    block_half = triton.next_power_of_2(half)
-    max_heads = max(1, _MAX_ROTARY_TILE // (2 * block_half))
-    block_hq = min(triton.next_power_of_2(max(n_heads_q, 1)), max_heads)
-    block_pass = triton.next_power_of_2(n_pass) if n_pass else 1
-    # Warps from the width of the query tile (rotary part plus pass-through): at least 32 elements per thread
-    # (four 128-bit bf16 accesses), at most 4 warps.
-    tile = block_hq * (2 * block_half + (block_pass if n_pass else 0))
-    num_warps = 4 if tile >= 4096 else 2 if tile >= 2048 else 1
-    # The key tile gets at least 8 elements per thread in each half-width run, so its accesses stay 128-bit wide
-    # even with few kv heads (MLA's single rope key head); the extra rows are masked and move no bytes.
-    min_rows_k = max(1, 8 * 32 * num_warps // block_half)
-    block_hk = min(max(triton.next_power_of_2(max(n_heads_k, 1)), min_rows_k), max_heads)
-    return {
-        "HALF": half,
-        "BLOCK_HALF": block_half,
-        "PASS": n_pass,
-        "BLOCK_PASS": block_pass,
-        "BLOCK_HQ": block_hq,
-        "BLOCK_HK": block_hk,
-        "num_warps": num_warps,
-    }
+# Launch configuration: rope's (a [heads, R] tile per program, the same shape as rope's two halves).
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:

@@ -362,7 +362,7 @@ class FastCausalLM:
                 logit_scale=transform.logit_scale,
                 num_items_in_batch=kwargs.get("num_items_in_batch"),
             )
-        if aux_loss is not None:
+        if aux_loss is not None and transform.aux_loss_coef:
             loss = loss + transform.aux_loss_coef * aux_loss.to(loss.device)
         fields = {k: v for k, v in out.items() if k not in ("logits", "loss")}
         out = type(out)(loss=loss, **fields)

@@ -277,7 +277,7 @@ def _patch_module(module: nn.Module, walk: _Walk) -> None:
         _patch_attention(module, att, walk)
 
 
-def _patch_head(root: nn.Module, model_type: str, walk: _Walk) -> None:
+def _patch_head(root: nn.Module, walk: _Walk) -> None:
     report = walk.report
     head = root.get_output_embeddings() if callable(getattr(root, "get_output_embeddings", None)) else None
     if head is None or layers.head_linear(head) is None:
@@ -383,7 +383,7 @@ def patch(model: nn.Module, *, fused_loss: bool = True) -> nn.Module:
     if fused_loss:
         # Probed first, on the model as it came: its own head and loss define what the fused loss must equal.
         try:
-            _patch_head(root, model_type, walk)
+            _patch_head(root, walk)
         except Exception as exc:  # noqa: BLE001 - the model keeps its own head
             report.skipped["loss"] = f"probing the head failed ({type(exc).__name__}: {exc})"
     walk_root = language_model(root)

@@ -319,7 +319,7 @@ def is_gated_norm(module: nn.Module) -> bool:
 class HeadTransform:
     """How a causal LM turns its head's output ``z = lm_head(h)`` into logits and a loss: ``logits =
     softcap(z * logit_scale)`` (each optional) and ``loss = cross_entropy(logits) + aux_loss_coef * aux_loss``
-    (the router loss of a mixture-of-experts, when the model adds it)."""
+    (the router loss of a mixture-of-experts when the model adds it; 0 when it returns one it does not add)."""
 
     logit_scale: float | None = None
     softcap: float | None = None
@@ -417,10 +417,11 @@ def probe_head(model: nn.Module, head: nn.Module, config: object) -> tuple[HeadT
     ce = F.cross_entropy(flat, ids[:, 1:].reshape(-1))
     aux, coef = getattr(out, "aux_loss", None), getattr(config, "router_aux_loss_coef", None)
     if torch.allclose(loss.float(), ce, rtol=1e-4, atol=1e-5):
-        return found, ""
+        # A router loss the model returns but does not add: coefficient 0 (so training never re-runs for it).
+        return (replace(found, aux_loss_coef=0.0) if isinstance(aux, torch.Tensor) else found), ""
     with_aux = isinstance(aux, torch.Tensor) and isinstance(coef, (int, float))
     if with_aux and torch.allclose(loss.float(), ce + coef * aux.float(), rtol=1e-4, atol=1e-5):
-        return HeadTransform(found.logit_scale, found.softcap, float(coef)), ""
+        return replace(found, aux_loss_coef=float(coef)), ""
     return None, "the loss is not the cross-entropy of the logits"
 
 
