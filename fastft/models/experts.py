@@ -1,0 +1,397 @@
+"""Routed experts of mixture-of-experts models on fastft's grouped experts kernel.
+
+transformers (5.x) gives every 3-D experts module (``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I), or the
+transposed gpt-oss layout with biases) one extension point: ``@use_experts_implementation`` makes its forward
+look up ``config._experts_implementation`` in ``ExpertsInterface``. fastft registers its forward there under the
+name ``"fastft"`` (importing this module registers it; it changes no model), so
+
+- :func:`fastft.patch` switches a model with ``model.set_experts_implementation("fastft")`` and the config keeps
+  saying what runs (``model.set_experts_implementation("grouped_mm")`` switches back, and a model saved and
+  reloaded with ``experts_implementation="fastft"`` runs it again);
+- an experts class without the decorator but of the same structure is patched per instance (its class swapped
+  to :class:`FastExperts`, as every other fastft block).
+
+Each experts class is probed once before it is switched: its own eager forward against fastft's on random
+routing (an unused expert, a token routed twice to one expert's neighbours); a formula fastft does not have
+(an activation of its own, a post-expert norm, expert parallelism) or any exception leaves the block on
+transformers' code, reported with the reason. A block left that way keeps running the implementation it ran
+before, even when the config says ``"fastft"``.
+
+Routers stay transformers' own (softmax or sigmoid top-k, grouped top-k, router biases, ``norm_topk_prob``), so
+the auxiliary load-balancing loss, computed from the router logits, is unchanged.
+
+LoRA: PEFT's ``target_parameters=["gate_up_proj", "down_proj"]`` wraps the experts module in ``ParamWrapper``
+layers that, for the duration of the forward, parametrize the 3-D weight as ``W + scaling * lhs @ rhs``
+(``_LoraFactorsProxy``, one adapter) or ``W + delta`` (several adapters, fp8 weights). fastft reads the
+parametrization and hands the base weight and the low-rank factors to the kernel, so ``W + delta`` is never
+formed and only the factors (hence PEFT's ``lora_A`` / ``lora_B``) receive gradients; a dense delta is used as
+PEFT forms it. ``disable_adapter()`` removes the parametrization, and the base weight alone runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger("fastft")
+
+IMPLEMENTATION = "fastft"
+_WEIGHTS = ("gate_up_proj", "down_proj")
+_BIASES = ("gate_up_proj_bias", "down_proj_bias")
+_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    """What the kernel needs to know about one experts class (what structure cannot say, the probe decides).
+
+    ``activation``: "silu", "gelu_tanh", "gelu" (``act(gate) * up``) or "gpt_oss" (``(clamp(up) + 1) * g *
+    sigmoid(alpha * g)`` with ``g = clamp(gate, max=limit)``); ``interleaved``: gate and up alternate along the
+    output (gpt-oss) instead of two halves; ``transposed``: weights stored (E, in, out) instead of (E, out, in).
+    """
+
+    activation: str
+    interleaved: bool = False
+    transposed: bool = False
+    has_bias: bool = False
+    alpha: float = 1.702
+    limit: float = 7.0
+
+
+@dataclass
+class ExpertWeight:
+    """One 3-D expert weight as the forward sees it: the base tensor and, under a PEFT LoRA adapter, either its
+    low-rank factors (``base + scaling * lhs @ rhs``, same layout as ``base``) or the dense delta PEFT formed."""
+
+    base: torch.Tensor
+    lhs: torch.Tensor | None = None
+    rhs: torch.Tensor | None = None
+    scaling: float = 1.0
+    dense: torch.Tensor | None = None  # the parametrized weight, when PEFT did not keep factors
+
+
+# ------------------------------------------------------------------------------------------------ registration
+
+
+def register() -> bool:
+    """Register fastft's experts forward in transformers' ``ExpertsInterface`` under ``"fastft"``; False when
+    the installed transformers has no such interface (then :func:`fastft.patch` patches instances)."""
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except ImportError:
+        return False
+    ExpertsInterface.register(IMPLEMENTATION, experts_forward)
+    return True
+
+
+
+def _eager_forward(cls: type):
+    """The experts class's own (eager) forward under transformers' dispatching wrapper, or its forward."""
+    for klass in cls.__mro__:
+        forward = vars(klass).get("forward")
+        if forward is not None and not vars(klass).get("_fastft_swapped") and klass is not FastExperts:
+            return getattr(forward, "__wrapped__", forward)
+    return cls.forward
+
+
+def uses_interface(module: nn.Module) -> bool:
+    """Whether the module's class dispatches through ``ExpertsInterface`` (``@use_experts_implementation``)."""
+    forward = type(module).forward
+    return (
+        HAS_INTERFACE
+        and hasattr(forward, "__wrapped__")
+        and hasattr(module, "config")
+        and hasattr(module, "has_gate")
+        and not isinstance(module, FastExperts)
+    )
+
+
+# ------------------------------------------------------------------------------------------------ recognition
+
+
+def _parameter(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The stored tensor ``name`` of ``module`` (the original under a parametrization), without computing it."""
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and name in parametrizations:
+        return parametrizations[name].original
+    value = module._parameters.get(name)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def experts_structure(module: nn.Module) -> tuple[int, int, int, bool] | None:
+    """(experts, hidden, intermediate, transposed) of a module holding 3-D ``gate_up_proj`` and ``down_proj``
+    weights that is called as ``experts(hidden_states, top_k_index, top_k_weights)``, or None."""
+    gate_up, down = (_parameter(module, n) for n in _WEIGHTS)
+    if gate_up is None or down is None or gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[0] != down.shape[0]:
+        return None
+    if getattr(module, "has_gate", True) is False or getattr(module, "has_post_expert_norm", False):
+        return None
+    if getattr(module, "_is_expert_parallel", False):
+        return None
+    experts = gate_up.shape[0]
+    transposed = bool(getattr(module, "is_transposed", False))
+    if transposed:
+        (hidden, two_i), (inter, hidden_out) = gate_up.shape[1:], down.shape[1:]
+    else:
+        (two_i, hidden), (hidden_out, inter) = gate_up.shape[1:], down.shape[1:]
+    if hidden != hidden_out or two_i != 2 * inter:
+        return None
+    if not _takes_routing(type(module)):
+        return None
+    return experts, hidden, inter, transposed
+
+
+def _takes_routing(cls: type) -> bool:
+    try:
+        params = list(inspect.signature(_eager_forward(cls)).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def _candidates(module: nn.Module, transposed: bool) -> list[ExpertsSpec]:
+    has_bias = _parameter(module, "gate_up_proj_bias") is not None and _parameter(module, "down_proj_bias") is not None
+    specs = [ExpertsSpec(a, transposed=transposed, has_bias=has_bias) for a in _ACTIVATIONS]
+    alpha, limit = getattr(module, "alpha", None), getattr(module, "limit", None)
+    if isinstance(alpha, (int, float)) and isinstance(limit, (int, float)):
+        specs.insert(0, ExpertsSpec("gpt_oss", True, transposed, has_bias, float(alpha), float(limit)))
+        specs.insert(1, ExpertsSpec("gpt_oss", False, transposed, has_bias, float(alpha), float(limit)))
+    return specs
+
+
+def _probe_routing(tokens: int, experts: int, top_k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random top-k routing of ``tokens`` rows in which the last expert receives no token."""
+    usable = max(1, experts - 1)
+    scores = torch.rand(tokens, usable, generator=gen)
+    k = min(top_k, usable)
+    index = scores.topk(k, dim=-1).indices
+    weights = torch.rand(tokens, k, generator=gen) + 0.1
+    return index, weights / weights.sum(-1, keepdim=True)
+
+
+def probe_experts(module: nn.Module, dtype: torch.dtype) -> tuple[ExpertsSpec | None, str]:
+    """The spec under which fastft's forward equals the module's own eager forward on random routing, or
+    (None, reason). The probe runs on the module's weights with gradients on, and changes nothing."""
+    structure = experts_structure(module)
+    if structure is None:
+        return None, "routed experts: layout not recognised"
+    experts, hidden, _, transposed = structure
+    weight = _parameter(module, "gate_up_proj")
+    if weight.is_meta:
+        return None, "routed experts: weights on the meta device"
+    if not weight.is_floating_point():
+        return None, f"routed experts: {weight.dtype} weights (quantised), no fastft kernel"
+    gen = torch.Generator().manual_seed(1234)
+    top_k = min(2, experts)
+    index, weights = _probe_routing(7, experts, top_k, gen)
+    x = torch.randn(7, hidden, generator=gen).to(weight.device, dtype)
+    index, weights = index.to(weight.device), weights.to(weight.device, dtype)
+    eager = _eager_forward(type(module))
+    with torch.enable_grad():
+        x = x.requires_grad_()
+        expected = eager(module, x, index, weights).detach()
+        for spec in _candidates(module, transposed):
+            actual = _compute(module, spec, x, index, weights).detach()
+            if actual.shape == expected.shape and _close(actual, expected):
+                return spec, ""
+    return None, "routed experts: formula not recognised (activation, gating or layout)"
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal up to the roundings of a reordered sum of H products in the probe's dtype."""
+    tol = 32 * torch.finfo(actual.dtype).eps
+    scale = expected.abs().max().clamp_min(1e-6)
+    return bool(((actual.float() - expected.float()).abs().max() <= tol * scale).item())
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+
+def read_weight(module: nn.Module, name: str) -> ExpertWeight | None:
+    """``name`` of an experts module as :class:`ExpertWeight` (base weight and PEFT LoRA factors), None if absent."""
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is None or name not in parametrizations:
+        value = getattr(module, name, None)
+        return ExpertWeight(value) if isinstance(value, torch.Tensor) else None
+    chain = parametrizations[name]
+    proxy = chain[0] if len(chain) == 1 else None
+    lhs, rhs, scaling = (getattr(proxy, a, None) for a in ("lhs", "rhs", "scaling"))
+    if isinstance(lhs, torch.Tensor) and isinstance(rhs, torch.Tensor) and isinstance(scaling, (int, float)):
+        return ExpertWeight(chain.original, lhs, rhs, float(scaling))
+    return ExpertWeight(chain.original, dense=getattr(module, name))
+
+
+def experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """fastft's experts forward, as registered in ``ExpertsInterface`` (``self`` is the experts module).
+
+    A module fastft probed runs the grouped kernel; one whose probe failed runs the implementation it ran before
+    patching; one never patched (``experts_implementation="fastft"`` chosen at load) is probed on first use."""
+    spec = self.__dict__.get("_fastft_experts", _UNPROBED)
+    if spec is _UNPROBED:
+        spec, reason = probe_safely(self, hidden_states.dtype)
+        self.__dict__["_fastft_experts"] = spec
+        if spec is None:
+            logger.warning("fastft: %s stays on transformers' experts code (%s)", type(self).__name__, reason)
+    if spec is None:
+        return _previous_forward(self)(self, hidden_states, top_k_index, top_k_weights)
+    return _compute(self, spec, hidden_states, top_k_index, top_k_weights)
+
+
+_UNPROBED = object()
+
+
+def probe_safely(module: nn.Module, dtype: torch.dtype) -> tuple[ExpertsSpec | None, str]:
+    """:func:`probe_experts`, with any exception turned into (None, reason)."""
+    try:
+        return probe_experts(module, dtype)
+    except Exception as exc:  # noqa: BLE001 - a block the probe cannot run stays on transformers' code
+        return None, f"routed experts: probe failed ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
+
+
+def _previous_forward(module: nn.Module):
+    """The implementation a block left on transformers' code runs: the one it ran before patching."""
+    name = module.__dict__.get("_fastft_previous") or "grouped_mm"
+    if name not in (None, "eager", IMPLEMENTATION):
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        if name in ALL_EXPERTS_FUNCTIONS:
+            return ALL_EXPERTS_FUNCTIONS[name]
+    return _eager_forward(type(module))
+
+
+def _compute(
+    module: nn.Module, spec: ExpertsSpec, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The grouped experts computation of ``module`` with its current weights (and LoRA factors)."""
+    gate_up, down = read_weight(module, "gate_up_proj"), read_weight(module, "down_proj")
+    biases = (getattr(module, "gate_up_proj_bias"), getattr(module, "down_proj_bias")) if spec.has_bias else (None, None)
+    return grouped_experts(hidden, top_k_index, top_k_weights, gate_up, down, *biases, spec)
+
+
+def _check_routing(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, experts: int) -> None:
+    if hidden.dim() != 2:
+        raise ValueError(f"fastft experts: hidden_states must be (tokens, hidden), got shape {tuple(hidden.shape)}")
+    if index.dim() != 2 or index.shape[0] != hidden.shape[0] or index.dtype.is_floating_point:
+        raise ValueError(
+            f"fastft experts: top_k_index must be integer (tokens={hidden.shape[0]}, top_k), got "
+            f"{index.dtype} of shape {tuple(index.shape)}"
+        )
+    if weights.shape != index.shape:
+        raise ValueError(
+            f"fastft experts: top_k_weights must have top_k_index's shape {tuple(index.shape)}, got "
+            f"{tuple(weights.shape)}"
+        )
+
+
+def grouped_experts(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: ExpertWeight,
+    down: ExpertWeight,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    spec: ExpertsSpec,
+) -> torch.Tensor:
+    """``sum_k w[t,k] * down_e(act(gate_up_e(x_t)))`` for ``e = index[t,k]``, rows grouped by expert."""
+    experts = gate_up.base.shape[0]
+    _check_routing(hidden, top_k_index, top_k_weights, experts)
+    return _grouped_torch(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, spec)
+
+
+def _gate(spec: ExpertsSpec, h: torch.Tensor) -> torch.Tensor:
+    if spec.interleaved:
+        gate, up = h[..., ::2], h[..., 1::2]
+    else:
+        gate, up = h.chunk(2, dim=-1)
+    if spec.activation == "gpt_oss":
+        gate = gate.clamp(max=spec.limit)
+        up = up.clamp(min=-spec.limit, max=spec.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * spec.alpha))
+    if spec.activation == "silu":
+        return F.silu(gate) * up
+    return F.gelu(gate, approximate="tanh" if spec.activation == "gelu_tanh" else "none") * up
+
+
+def _expert_linear(x: torch.Tensor, w: ExpertWeight, e: int, transposed: bool) -> torch.Tensor:
+    weight = (w.dense if w.dense is not None else w.base)[e]
+    y = x @ weight if transposed else x @ weight.transpose(0, 1)
+    if w.lhs is not None and w.dense is None:
+        # base + s * lhs @ rhs (same layout as base): x @ (lhs rhs) or x @ (lhs rhs)^T, never formed.
+        lhs, rhs = w.lhs[e], w.rhs[e]
+        low = (x @ lhs) @ rhs if transposed else (x @ rhs.transpose(0, 1)) @ lhs.transpose(0, 1)
+        y = y + w.scaling * low
+    return y
+
+
+def _grouped_torch(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, spec):
+    """The grouped computation in PyTorch: rows sorted by expert once, one pair of GEMMs per expert hit."""
+    tokens, top_k = top_k_index.shape
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=gate_up.base.shape[0]).tolist()
+    rows = hidden[order // top_k]
+    outs, start = [], 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        x = rows[start : start + count]
+        h = _expert_linear(x, gate_up, e, spec.transposed)
+        if gate_up_bias is not None:
+            h = h + gate_up_bias[e]
+        y = _expert_linear(_gate(spec, h), down, e, spec.transposed)
+        if down_bias is not None:
+            y = y + down_bias[e]
+        outs.append(y)
+        start += count
+    out_sorted = torch.cat(outs) if outs else hidden.new_zeros(0, hidden.shape[-1])
+    weighted = out_sorted * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out_sorted.dtype)
+    result = hidden.new_zeros(tokens * top_k, hidden.shape[-1], dtype=weighted.dtype).index_copy(0, order, weighted)
+    return result.view(tokens, top_k, -1).sum(1).to(hidden.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ instance patch
+
+
+class FastExperts:
+    """An experts module without transformers' dispatch, running fastft's experts forward (class swapped per
+    instance by :func:`fastft.patch`)."""
+
+    _fastft_experts: ExpertsSpec
+
+    def forward(self, hidden_states, top_k_index=None, top_k_weights=None, *args, **kwargs):
+        if args or kwargs or top_k_index is None or top_k_weights is None:
+            return super().forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        return _compute(self, self._fastft_experts, hidden_states, top_k_index, top_k_weights)
+
+
+def is_patched(module: nn.Module) -> bool:
+    """Whether ``module`` is an experts block running fastft's kernel."""
+    return isinstance(module.__dict__.get("_fastft_experts"), ExpertsSpec)
+
+
+# Registered at import (adds a name; no model changes until it is selected).
+HAS_INTERFACE = register()
+
+__all__ = [
+    "IMPLEMENTATION",
+    "ExpertWeight",
+    "ExpertsSpec",
+    "FastExperts",
+    "experts_forward",
+    "experts_structure",
+    "grouped_experts",
+    "is_patched",
+    "probe_experts",
+    "read_weight",
+    "register",
+    "uses_interface",
+]
