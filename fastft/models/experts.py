@@ -89,7 +89,6 @@ def register() -> bool:
     return True
 
 
-
 def _eager_forward(cls: type):
     """The experts class's own (eager) forward under transformers' dispatching wrapper, or its forward."""
     for klass in cls.__mro__:
@@ -272,7 +271,7 @@ def _compute(
 ) -> torch.Tensor:
     """The grouped experts computation of ``module`` with its current weights (and LoRA factors)."""
     gate_up, down = read_weight(module, "gate_up_proj"), read_weight(module, "down_proj")
-    biases = (getattr(module, "gate_up_proj_bias"), getattr(module, "down_proj_bias")) if spec.has_bias else (None, None)
+    biases = (module.gate_up_proj_bias, module.down_proj_bias) if spec.has_bias else (None, None)
     return grouped_experts(hidden, top_k_index, top_k_weights, gate_up, down, *biases, spec)
 
 
@@ -283,6 +282,11 @@ def _check_routing(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Ten
         raise ValueError(
             f"fastft experts: top_k_index must be integer (tokens={hidden.shape[0]}, top_k), got "
             f"{index.dtype} of shape {tuple(index.shape)}"
+        )
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= experts):
+        raise ValueError(
+            f"fastft experts: top_k_index holds expert {int(index.min())}..{int(index.max())}, but the module has "
+            f"{experts} experts (0..{experts - 1}); expert-parallel sentinels are not supported here"
         )
     if weights.shape != index.shape:
         raise ValueError(
@@ -363,14 +367,97 @@ def _grouped_torch(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bi
 
 class FastExperts:
     """An experts module without transformers' dispatch, running fastft's experts forward (class swapped per
-    instance by :func:`fastft.patch`)."""
+    instance by :func:`fastft.patch`). Called without routing (Llama 4's experts, by its own block), it runs its
+    own forward."""
 
     _fastft_experts: ExpertsSpec
 
-    def forward(self, hidden_states, top_k_index=None, top_k_weights=None, *args, **kwargs):
-        if args or kwargs or top_k_index is None or top_k_weights is None:
-            return super().forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-        return _compute(self, self._fastft_experts, hidden_states, top_k_index, top_k_weights)
+    def forward(self, hidden_states, *args, **kwargs):
+        spec = self.__dict__.get("_fastft_experts")
+        if len(args) != 2 or kwargs or spec is None:
+            return super().forward(hidden_states, *args, **kwargs)
+        return _compute(self, spec, hidden_states, *args)
+
+
+# ------------------------------------------------------------------------------------------------ Llama 4
+
+
+def _base_layer(module: nn.Module) -> nn.Module:
+    """The module under PEFT's wrappers (``ParamWrapper`` nests one per adapted parameter)."""
+    get_base = getattr(module, "get_base_layer", None)
+    return get_base() if callable(get_base) else module
+
+
+def input_scaled_structure(module: nn.Module) -> nn.Module | None:
+    """The experts module of a Llama-4-style MoE block, or None.
+
+    Such a block scales each token's input by its router score (sigmoid of the top-k logits, 0 elsewhere) and runs
+    every token through every expert (``experts(x * s)`` on (E * tokens, H) rows), so the experts take no routing.
+    Recognised by structure: a ``router`` with ``top_k``, a ``shared_expert``, and ``experts`` holding 3-D
+    ``gate_up_proj`` (E, H, 2I) and ``down_proj`` (E, I, H) whose forward takes the hidden states alone."""
+    router, shared = getattr(module, "router", None), getattr(module, "shared_expert", None)
+    wrapped = getattr(module, "experts", None)
+    if not all(isinstance(m, nn.Module) for m in (router, shared, wrapped)) or not isinstance(
+        getattr(router, "top_k", None), int
+    ):
+        return None
+    base = _base_layer(wrapped)
+    gate_up, down = (_parameter(base, n) for n in _WEIGHTS)
+    if gate_up is None or down is None or gate_up.dim() != 3 or down.dim() != 3:
+        return None
+    (experts, hidden, two_i), (experts_d, inter, hidden_d) = gate_up.shape, down.shape
+    if experts != experts_d or hidden != hidden_d or two_i != 2 * inter or _takes_routing(type(base)):
+        return None
+    return base
+
+
+class FastInputScaledMoE:
+    """A Llama-4-style MoE block whose routed part runs only the top-k (token, expert) pairs through fastft's
+    grouped experts: ``sum_k expert_{i_k}(s_k * x)``. The experts it skips see a zero input (their router score
+    is sigmoid(-inf) = 0) and, with no biases and ``act(0) = 0``, add exactly zero in transformers' code too.
+    The router (its scores, logits and their gradients) and the shared expert are the block's own."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if args or kwargs:
+            return super().forward(hidden_states, *args, **kwargs)
+        width = hidden_states.shape[-1]
+        hidden = hidden_states.reshape(-1, width)
+        router_scores, router_logits = self.router(hidden)
+        index = router_logits.topk(self.router.top_k, dim=1).indices  # the router's own top-k, recomputed
+        scores = router_scores.gather(1, index)
+        routed_in = (hidden.unsqueeze(1) * scores.unsqueeze(-1).to(hidden.dtype)).reshape(-1, width)
+        pairs = index.reshape(-1, 1)
+        routed = self.experts(routed_in, pairs, torch.ones(pairs.shape, dtype=hidden.dtype, device=hidden.device))
+        out = self.shared_expert(hidden)
+        return out + routed.view(hidden.shape[0], -1, width).sum(1), router_logits
+
+
+def probe_input_scaled(block: nn.Module, base: nn.Module, hidden_size: int, dtype: torch.dtype) -> str:
+    """Try each activation on ``block`` (class not yet swapped): "" and the spec set on ``base`` when fastft's
+    block forward equals the block's own, else the reason (the block and its experts are left unchanged)."""
+    from fastft.models.layers import swap_class
+
+    gen = torch.Generator().manual_seed(1234)
+    weight = _parameter(base, "gate_up_proj")
+    x = torch.randn(1, 7, hidden_size, generator=gen).to(weight.device, dtype)
+    original_cls, original_base_cls = type(block), type(base)
+    with torch.enable_grad():
+        expected = block(x)[0].detach()
+        try:
+            for spec in (ExpertsSpec(a, transposed=True) for a in _ACTIVATIONS):
+                base.__dict__["_fastft_experts"] = spec
+                swap_class(base, FastExperts)
+                swap_class(block, FastInputScaledMoE)
+                actual = block(x)[0].detach()
+                if actual.shape == expected.shape and _close(actual, expected):
+                    return ""
+                block.__class__, base.__class__ = original_cls, original_base_cls
+        except Exception as exc:  # noqa: BLE001 - any failure leaves the block as it was
+            block.__class__, base.__class__ = original_cls, original_base_cls
+            base.__dict__.pop("_fastft_experts", None)
+            return f"routed experts: probe failed ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
+    base.__dict__.pop("_fastft_experts", None)
+    return "routed experts: formula not recognised (activation, gating or layout)"
 
 
 def is_patched(module: nn.Module) -> bool:
@@ -386,11 +473,14 @@ __all__ = [
     "ExpertWeight",
     "ExpertsSpec",
     "FastExperts",
+    "FastInputScaledMoE",
     "experts_forward",
     "experts_structure",
     "grouped_experts",
+    "input_scaled_structure",
     "is_patched",
     "probe_experts",
+    "probe_input_scaled",
     "read_weight",
     "register",
     "uses_interface",

@@ -277,6 +277,22 @@ def _patch_experts(module: nn.Module, walk: _Walk) -> None:
     walk.report.experts += 1
 
 
+def _patch_input_scaled(module: nn.Module, base: nn.Module, walk: _Walk) -> None:
+    """A Llama-4-style MoE block (router-scaled inputs, experts without routing): the block's class is swapped
+    so that only the top-k pairs run, through the grouped experts (see :class:`experts.FastInputScaledMoE`)."""
+    if isinstance(module, experts.FastInputScaledMoE):
+        walk.report.experts += 1
+        return
+    if walk.hidden_size is None or not forward_takes_one_tensor(type(module)):
+        walk.skip(module, "routed experts: its forward takes more than the input")
+        return
+    reason = experts.probe_input_scaled(module, base, walk.hidden_size, walk.dtype)
+    if reason:
+        walk.skip(module, reason)
+        return
+    walk.report.experts += 1
+
+
 def _switch_experts_implementation(root: nn.Module, walk: _Walk) -> None:
     """``set_experts_implementation("fastft")`` on the model; an experts block whose config did not take it
     (a submodel transformers does not switch) has its class swapped instead."""
@@ -297,6 +313,10 @@ def _patch_module(module: nn.Module, walk: _Walk) -> None:
     """Recognise, probe and swap one module (or leave it, with the reason, if any step disagrees)."""
     if experts.experts_structure(module) is not None:
         _patch_experts(module, walk)
+        return
+    scaled = experts.input_scaled_structure(module)
+    if scaled is not None:
+        _patch_input_scaled(module, scaled, walk)
         return
     if isinstance(module, (layers.FastGatedMLP, layers.FastUngatedMLP)):
         walk.report.mlps += 1
@@ -366,7 +386,7 @@ def _is_leaf_kind(module: nn.Module) -> bool:
 
 
 def _is_fast(module: nn.Module) -> bool:
-    return isinstance(module, _FAST_KINDS) or experts.is_patched(module)
+    return isinstance(module, (*_FAST_KINDS, experts.FastInputScaledMoE)) or experts.is_patched(module)
 
 
 def _unpatched_kinds(module: nn.Module) -> list[nn.Module]:
