@@ -35,8 +35,9 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from fastft.kernels.moe_experts import MoELoRA, moe_experts
 
 logger = logging.getLogger("fastft")
 
@@ -51,7 +52,8 @@ class ExpertsSpec:
     """What the kernel needs to know about one experts class (what structure cannot say, the probe decides).
 
     ``activation``: "silu", "gelu_tanh", "gelu" (``act(gate) * up``) or "gpt_oss" (``(clamp(up) + 1) * g *
-    sigmoid(alpha * g)`` with ``g = clamp(gate, max=limit)``); ``interleaved``: gate and up alternate along the
+    sigmoid(alpha * g)`` with ``g = clamp(gate, max=limit)``); ``limit``: gate and up clamped first (gpt-oss,
+    DeepSeek-V4's clamped SwiGLU); ``interleaved``: gate and up alternate along the
     output (gpt-oss) instead of two halves; ``transposed``: weights stored (E, in, out) instead of (E, out, in).
     """
 
@@ -60,7 +62,7 @@ class ExpertsSpec:
     transposed: bool = False
     has_bias: bool = False
     alpha: float = 1.702
-    limit: float = 7.0
+    limit: float | None = None
 
 
 @dataclass
@@ -158,9 +160,13 @@ def _candidates(module: nn.Module, transposed: bool) -> list[ExpertsSpec]:
     has_bias = _parameter(module, "gate_up_proj_bias") is not None and _parameter(module, "down_proj_bias") is not None
     specs = [ExpertsSpec(a, transposed=transposed, has_bias=has_bias) for a in _ACTIVATIONS]
     alpha, limit = getattr(module, "alpha", None), getattr(module, "limit", None)
-    if isinstance(alpha, (int, float)) and isinstance(limit, (int, float)):
-        specs.insert(0, ExpertsSpec("gpt_oss", True, transposed, has_bias, float(alpha), float(limit)))
-        specs.insert(1, ExpertsSpec("gpt_oss", False, transposed, has_bias, float(alpha), float(limit)))
+    if isinstance(limit, (int, float)) and not isinstance(limit, bool):
+        specs[:0] = [ExpertsSpec(a, False, transposed, has_bias, limit=float(limit)) for a in _ACTIVATIONS]
+        if isinstance(alpha, (int, float)):
+            specs[:0] = [
+                ExpertsSpec("gpt_oss", interleaved, transposed, has_bias, float(alpha), float(limit))
+                for interleaved in (True, False)
+            ]
     return specs
 
 
@@ -275,24 +281,15 @@ def _compute(
     return grouped_experts(hidden, top_k_index, top_k_weights, gate_up, down, *biases, spec)
 
 
-def _check_routing(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, experts: int) -> None:
-    if hidden.dim() != 2:
-        raise ValueError(f"fastft experts: hidden_states must be (tokens, hidden), got shape {tuple(hidden.shape)}")
-    if index.dim() != 2 or index.shape[0] != hidden.shape[0] or index.dtype.is_floating_point:
-        raise ValueError(
-            f"fastft experts: top_k_index must be integer (tokens={hidden.shape[0]}, top_k), got "
-            f"{index.dtype} of shape {tuple(index.shape)}"
-        )
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= experts):
-        raise ValueError(
-            f"fastft experts: top_k_index holds expert {int(index.min())}..{int(index.max())}, but the module has "
-            f"{experts} experts (0..{experts - 1}); expert-parallel sentinels are not supported here"
-        )
-    if weights.shape != index.shape:
-        raise ValueError(
-            f"fastft experts: top_k_weights must have top_k_index's shape {tuple(index.shape)}, got "
-            f"{tuple(weights.shape)}"
-        )
+def _factors(weight: ExpertWeight, transposed: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+    """PEFT's ``(lhs, rhs)`` (``delta = lhs @ rhs`` in the stored layout) as the kernel's ``(A (E, r, in), B (E,
+    out, r))`` of the logical (out, in) matrix: ``(rhs, lhs)`` for (E, out, in) storage, ``(lhs^T, rhs^T)`` for
+    the transposed (E, in, out) one. Views: gradients reach PEFT's lora_A / lora_B through them."""
+    if weight.lhs is None or weight.dense is not None:
+        return None, None, 1.0
+    if transposed:
+        return weight.lhs.transpose(1, 2), weight.rhs.transpose(1, 2), weight.scaling
+    return weight.rhs, weight.lhs, weight.scaling
 
 
 def grouped_experts(
@@ -305,61 +302,28 @@ def grouped_experts(
     down_bias: torch.Tensor | None,
     spec: ExpertsSpec,
 ) -> torch.Tensor:
-    """``sum_k w[t,k] * down_e(act(gate_up_e(x_t)))`` for ``e = index[t,k]``, rows grouped by expert."""
-    experts = gate_up.base.shape[0]
-    _check_routing(hidden, top_k_index, top_k_weights, experts)
-    return _grouped_torch(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, spec)
-
-
-def _gate(spec: ExpertsSpec, h: torch.Tensor) -> torch.Tensor:
-    if spec.interleaved:
-        gate, up = h[..., ::2], h[..., 1::2]
-    else:
-        gate, up = h.chunk(2, dim=-1)
-    if spec.activation == "gpt_oss":
-        gate = gate.clamp(max=spec.limit)
-        up = up.clamp(min=-spec.limit, max=spec.limit)
-        return (up + 1) * (gate * torch.sigmoid(gate * spec.alpha))
-    if spec.activation == "silu":
-        return F.silu(gate) * up
-    return F.gelu(gate, approximate="tanh" if spec.activation == "gelu_tanh" else "none") * up
-
-
-def _expert_linear(x: torch.Tensor, w: ExpertWeight, e: int, transposed: bool) -> torch.Tensor:
-    weight = (w.dense if w.dense is not None else w.base)[e]
-    y = x @ weight if transposed else x @ weight.transpose(0, 1)
-    if w.lhs is not None and w.dense is None:
-        # base + s * lhs @ rhs (same layout as base): x @ (lhs rhs) or x @ (lhs rhs)^T, never formed.
-        lhs, rhs = w.lhs[e], w.rhs[e]
-        low = (x @ lhs) @ rhs if transposed else (x @ rhs.transpose(0, 1)) @ lhs.transpose(0, 1)
-        y = y + w.scaling * low
-    return y
-
-
-def _grouped_torch(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, spec):
-    """The grouped computation in PyTorch: rows sorted by expert once, one pair of GEMMs per expert hit."""
-    tokens, top_k = top_k_index.shape
-    flat = top_k_index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=gate_up.base.shape[0]).tolist()
-    rows = hidden[order // top_k]
-    outs, start = [], 0
-    for e, count in enumerate(counts):
-        if count == 0:
-            continue
-        x = rows[start : start + count]
-        h = _expert_linear(x, gate_up, e, spec.transposed)
-        if gate_up_bias is not None:
-            h = h + gate_up_bias[e]
-        y = _expert_linear(_gate(spec, h), down, e, spec.transposed)
-        if down_bias is not None:
-            y = y + down_bias[e]
-        outs.append(y)
-        start += count
-    out_sorted = torch.cat(outs) if outs else hidden.new_zeros(0, hidden.shape[-1])
-    weighted = out_sorted * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out_sorted.dtype)
-    result = hidden.new_zeros(tokens * top_k, hidden.shape[-1], dtype=weighted.dtype).index_copy(0, order, weighted)
-    return result.view(tokens, top_k, -1).sum(1).to(hidden.dtype)
+    """``sum_k w[t,k] * down_e(gate(gate_up_e(x_t)))`` for ``e = index[t,k]``: :func:`fastft.kernels.moe_experts`
+    with the module's weights, biases and LoRA factors (a dense PEFT delta is passed as the weight)."""
+    gu_A, gu_B, gu_s = _factors(gate_up, spec.transposed)
+    d_A, d_B, d_s = _factors(down, spec.transposed)
+    lora = None
+    if gu_A is not None or d_A is not None:
+        lora = MoELoRA(gu_A, gu_B, gu_s, d_A, d_B, d_s)
+    return moe_experts(
+        hidden,
+        top_k_index,
+        top_k_weights,
+        gate_up.dense if gate_up.dense is not None else gate_up.base,
+        down.dense if down.dense is not None else down.base,
+        gate_up_bias,
+        down_bias,
+        act=spec.activation,
+        transposed=spec.transposed,
+        interleaved=spec.interleaved,
+        alpha=spec.alpha,
+        limit=spec.limit,
+        lora=lora,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ instance patch
