@@ -277,3 +277,40 @@ def test_lora_reaches_the_experts_as_factors(monkeypatch):
     seen.clear()
     _step(model, _inputs(model))
     assert seen and all(a and b for a, b in seen), seen
+
+
+# ------------------------------------------------------------------------------------------------ TRL
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_trl_sft_equals_plain_per_step(model_type, tmp_path):
+    """FastModel + TRL's SFTTrainer with LoRA on attention and experts (``target_parameters``) against plain
+    transformers + PEFT: per-step losses within 1e-5 relative (SGD carries fp32 reorderings forward linearly;
+    a wrong expert gradient moves the second step's loss by far more)."""
+    from tests.models.test_family_sft import SEED, STEPS, _losses, _save
+
+    from fastft import FastModel
+
+    _save(model_type, tmp_path)
+    lora = {
+        "r": 4,
+        "lora_alpha": 16,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "target_parameters": ["gate_up_proj", "down_proj"],
+    }
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    tokenizer.pad_token = tokenizer.unk_token
+    with torch.random.fork_rng():
+        torch.manual_seed(SEED)
+        plain = peft.get_peft_model(plain, peft.LoraConfig(task_type="CAUSAL_LM", **lora))
+    reference = _losses(plain, tokenizer, tmp_path)
+
+    model, fast_tokenizer = FastModel.from_pretrained(tmp_path, max_seq_length=64)
+    model = FastModel.get_peft_model(model, random_state=SEED, **lora)
+    assert model.fastft_report.experts > 0, model.fastft_report.summary()
+    ours = _losses(model, fast_tokenizer, tmp_path)
+    assert len(ours) == len(reference) == STEPS
+    assert reference[-1] != reference[0]
+    for step, (a, b) in enumerate(zip(ours, reference)):
+        assert abs(a - b) <= 1e-5 * abs(b), f"{model_type} step {step}: fastft {a} vs plain {b}"
