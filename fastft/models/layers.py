@@ -201,6 +201,8 @@ class FastAttention:
 
     def _precompute_qkv(self, x: object) -> tuple[str, ...]:
         layout = self._fastft_layout
+        for name in layout.single:  # MLA's low-rank projections (PEFT may have replaced them since patching)
+            swap_class(getattr(self, name), FastProjection)
         if layout.q is None or not isinstance(x, torch.Tensor) or self.__dict__.get("_fastft_qkv_unused"):
             swap_class(getattr(self, layout.qkv or layout.o), FastProjection)
             swap_class(getattr(self, layout.o), FastProjection)

@@ -229,11 +229,15 @@ class AttentionLayout:
     k: str | None = None
     v: str | None = None
     qkv: str | None = None
+    single: tuple[str, ...] = ()  # further projections run one by one through the fused LoRA Function (MLA's)
+
+
+_MLA_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 
 
 def attention_layout(module: nn.Module) -> AttentionLayout | None:
     """Projection layout of an attention module: separate q/k/v, Phi-3's fused qkv, or MLA's (DeepSeek-V2/V3,
-    Kimi, GLM-4-MoE-lite: low-rank q and kv projections, of which only o_proj is fused), or None."""
+    Kimi, GLM-4-MoE-lite: low-rank q and kv projections, each run through the fused LoRA Function), or None."""
     if (
         _is_module(module, "c_attn")
         and _is_module(module, "c_proj")
@@ -244,7 +248,7 @@ def attention_layout(module: nn.Module) -> AttentionLayout | None:
     if o is None:
         return None
     if isinstance(getattr(module, "qk_rope_head_dim", None), int) and _is_module(module, "kv_b_proj"):
-        return AttentionLayout(o=o)
+        return AttentionLayout(o=o, single=tuple(n for n in _MLA_PROJECTIONS if _is_module(module, n)))
     if not isinstance(getattr(module, "head_dim", None), int):
         return None
     if all(_is_module(module, n) for n in ("q_proj", "k_proj", "v_proj")):

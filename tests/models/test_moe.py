@@ -287,9 +287,8 @@ def test_trl_sft_equals_plain_per_step(model_type, tmp_path):
     """FastModel + TRL's SFTTrainer with LoRA on attention and experts (``target_parameters``) against plain
     transformers + PEFT: per-step losses within 1e-5 relative (SGD carries fp32 reorderings forward linearly;
     a wrong expert gradient moves the second step's loss by far more)."""
-    from tests.models.test_family_sft import SEED, STEPS, _losses, _save
-
     from fastft import FastModel
+    from tests.models.test_family_sft import SEED, STEPS, _losses, _save
 
     _save(model_type, tmp_path)
     lora = {
@@ -314,3 +313,19 @@ def test_trl_sft_equals_plain_per_step(model_type, tmp_path):
     assert reference[-1] != reference[0]
     for step, (a, b) in enumerate(zip(ours, reference)):
         assert abs(a - b) <= 1e-5 * abs(b), f"{model_type} step {step}: fastft {a} vs plain {b}"
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "glm4_moe_lite"])
+def test_mla_projections_run_the_fused_lora_function(model_type):
+    """MLA's low-rank q and kv projections (and o) run fastft's fused LoRA Function, rotary on fastft's kernel."""
+    from fastft.models.layers import FastAttention, FastProjection
+
+    model = _lora(_plain(model_type))
+    fastft.patch(model)
+    _step(model, _inputs(model))
+    attentions = [m for m in model.modules() if isinstance(m, FastAttention)]
+    assert attentions
+    for attention in attentions:
+        names = [n for n in ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")]
+        present = [getattr(attention, n) for n in names if isinstance(getattr(attention, n, None), torch.nn.Module)]
+        assert len(present) >= 4 and all(isinstance(p, FastProjection) for p in present)
