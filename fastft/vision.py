@@ -57,7 +57,11 @@ def _config_image_token_ids(config: Any) -> set[int]:
     for cfg in configs:
         for name, value in vars(cfg).items():
             words = ("image", "vision", "video", "boi", "eoi", "img")
-            if name.endswith(("_token_id", "_token_index")) and any(w in name for w in words) and isinstance(value, int):
+            if (
+                name.endswith(("_token_id", "_token_index"))
+                and any(w in name for w in words)
+                and isinstance(value, int)
+            ):
                 ids.add(value)
     return ids
 
@@ -73,7 +77,9 @@ def _open_image(image: Any, sample: int, index: int) -> Any:
             with Image.open(image) as opened:
                 image = opened.convert("RGB")
         except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"sample {sample}: image {index} ({os.fspath(image)!r}) cannot be read as an image: {err}") from err
+            raise ValueError(
+                f"sample {sample}: image {index} ({os.fspath(image)!r}) cannot be read as an image: {err}"
+            ) from err
     if isinstance(image, Image.Image):
         if image.width == 0 or image.height == 0:
             raise ValueError(f"sample {sample}: image {index} is empty ({image.width} x {image.height} pixels)")
@@ -238,7 +244,9 @@ class VisionDataCollator:
                     "text that opens an assistant answer)"
                 )
             self.instruction_part, self.response_part = instruction_part, response_part
-            self.instruction_ids = tokenizer(instruction_part, add_special_tokens=False)["input_ids"] if instruction_part else []
+            self.instruction_ids = (
+                tokenizer(instruction_part, add_special_tokens=False)["input_ids"] if instruction_part else []
+            )
             self.response_ids = tokenizer(response_part, add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------------------------------------------ batching
@@ -277,17 +285,19 @@ class VisionDataCollator:
         has_images = any(images)
         try:
             out = self.processor(text=texts, images=images if has_images else None, **kwargs)
-        except Exception as err:  # noqa: BLE001 - find the sample the processor refuses and name it
+        except Exception as err:
             for i, (text, sample_images) in enumerate(zip(texts, images)):
                 try:
                     self.processor(text=[text], images=[sample_images] if sample_images else None, **kwargs)
-                except Exception as own:  # noqa: BLE001
+                except Exception as own:
                     sizes = [f"{getattr(im, 'size', None) or tuple(getattr(im, 'shape', ()))}" for im in sample_images]
                     raise ValueError(
                         f"sample {i}: the {type(self.processor).__name__} rejected it (its images: {', '.join(sizes) or 'none'}): "
                         f"{type(own).__name__}: {own}"
                     ) from own
-            raise ValueError(f"the {type(self.processor).__name__} rejected the batch: {type(err).__name__}: {err}") from err
+            raise ValueError(
+                f"the {type(self.processor).__name__} rejected the batch: {type(err).__name__}: {err}"
+            ) from err
         return dict(out)
 
     def _labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,9 @@ layer belongs to the *language* part when it sits inside the language model (``m
 *vision* part otherwise (the vision tower and the projector between it and the language model; never the output
 head); it is an *attention* module when a module on its path is named like attention (``attn``, ``attention``), an
 *MLP* module when one is named like an MLP or a projector (``mlp``, ``ffn``, ``feed_forward``, ``projector``,
-``merger``, ``connector``, ``projection``). The chosen layers become one PEFT ``target_modules`` regex with the
+``merger``, ``connector``, ``projection``; in the vision part also the layer's own name, for a projector that is a
+single linear layer). Patch embeddings, a vision tower's pooling head (SigLIP's ``head``, which the VLMs never call) and the
+output head are never adapted. The chosen layers become one PEFT ``target_modules`` regex with the
 layer numbers written as ``\\d+``, checked to match exactly those layers.
 """
 
@@ -40,7 +42,8 @@ from fastft.models.fast_model import FastModel
 from fastft.models.patch import causal_lm, language_model, text_config
 
 _ATTENTION_WORDS = ("attn", "attention")
-_MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "projector", "merger", "connector", "projection")
+_PROJECTOR_WORDS = ("projector", "merger", "connector", "projection")
+_MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", *_PROJECTOR_WORDS)
 
 
 # ------------------------------------------------------------------------------------------------ structure
@@ -72,7 +75,7 @@ def _check_vision_model(root: nn.Module) -> nn.Module:
 
 
 def _part_kind(path: str) -> str | None:
-    """"attention", "mlp" or None for a module path below its part (the vision tower or the language model)."""
+    """The kind ("attention", "mlp" or None) of a module path below its part (the vision tower or the language model)."""
     parts = path.lower().split(".")[:-1]  # the module's own (leaf) name says nothing about its block
     if any(word in part for part in parts for word in _ATTENTION_WORDS):
         return "attention"
@@ -95,7 +98,6 @@ def lora_layers(
     lm = _check_vision_model(root)
     prefix = next(name for name, module in root.named_modules() if module is lm)
     head = root.get_output_embeddings() if callable(getattr(root, "get_output_embeddings", None)) else None
-    parents = {name: module for name, module in root.named_modules()}
     wanted_parts = {"vision"} if finetune_vision_layers else set()
     wanted_parts |= {"language"} if finetune_language_layers else set()
     wanted_kinds = {"attention"} if finetune_attention_modules else set()
@@ -105,13 +107,15 @@ def lora_layers(
     for name, module in root.named_modules():
         if not isinstance(module, nn.Linear) or module is head:
             continue
-        if isinstance(parents.get(name.rpartition(".")[0]), nn.MultiheadAttention):
-            continue  # PyTorch's own attention uses its out_proj's weight directly: LoRA there does nothing
+        if "head" in name.split(".")[:-1]:
+            continue  # a vision tower's pooling head (SigLIP's): the VLMs read the tower's tokens, never call it
         part = "language" if name.startswith(prefix + ".") else "vision"
         below = name[len(prefix) + 1 :] if part == "language" else name
-        if part in wanted_parts and _part_kind(below) in wanted_kinds:
-            if leaves is None or name.rpartition(".")[2] in leaves:
-                chosen.append(name)
+        kind = _part_kind(below)
+        if kind is None and part == "vision" and any(w in name.rpartition(".")[2] for w in _PROJECTOR_WORDS):
+            kind = "mlp"  # a projector that is one linear layer (Llama 3.2 Vision's, Gemma 4's)
+        if part in wanted_parts and kind in wanted_kinds and (leaves is None or name.rpartition(".")[2] in leaves):
+            chosen.append(name)
     return chosen
 
 
