@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fastft.models.fast_model import FastModel
     from fastft.models.patch import patch
+    from fastft.models.vision_model import FastVisionModel
 
 __version__ = "0.1.0.dev0"
-__all__ = ["FastModel", "__version__", "patch"]
+__all__ = ["FastModel", "FastVisionModel", "__version__", "patch"]
 
 
 def __getattr__(name: str) -> Any:
@@ -23,6 +24,10 @@ def __getattr__(name: str) -> Any:
         from fastft.models.fast_model import FastModel
 
         return FastModel
+    if name == "FastVisionModel":
+        from fastft.models.vision_model import FastVisionModel
+
+        return FastVisionModel
     if name == "patch":
         from fastft.models.patch import patch
 
