@@ -327,7 +327,7 @@ class MoEExpertsFunction(torch.autograd.Function):
                            out_dtype=hidden.dtype)
         y_pairs = ops.grouped_mm(h, routing, w_d, bias=d_bias, lora=lora_d, row_scale=w_sorted, scatter=True,
                                  out_dtype=acc)
-        out = y_pairs.view(T, K, -1).sum(dim=1).to(hidden.dtype)
+        out = y_pairs.view(T, K, hidden.shape[1]).sum(dim=1).to(hidden.dtype)
         ctx.cfg = cfg
         ctx.save_for_backward(hidden, top_k_index, top_k_weights, gate_up, down, gu_bias, d_bias,
                               gu_A, gu_B, d_A, d_B)
@@ -394,7 +394,7 @@ class MoEExpertsFunction(torch.autograd.Function):
                          if gu_A is not None else None)
             dx_pairs = ops.grouped_mm(dgu, routing, w_gu.transpose(1, 2), lora=lora_gu_t, scatter=True,
                                       out_dtype=acc)
-            d_hidden = dx_pairs.view(T, K, -1).sum(dim=1).to(dtype)
+            d_hidden = dx_pairs.view(T, K, hidden.shape[1]).sum(dim=1).to(dtype)
             del dx_pairs
         if needs[4]:
             d_gate_up = torch.empty_like(gate_up)
