@@ -497,7 +497,7 @@ def bytes_and_flops(
     )
     gemm = 2 * S * H * I  # one (S, H) x (H, I) product
     fwd_flops = 3 * gemm + 2 * S * rank * (2 * H + 3 * I) * 2 if rank else 3 * gemm
-    bwd_flops = (3 + 1 + 2 + (3 if full else 0)) * gemm  # recompute gu (2), gh (1), dx (2), dW (3)
+    bwd_flops = (2 + 1 + 2 + (3 if full else 0)) * gemm  # recompute gu (2), gh (1), dx (2), dW (3)
     if rank:
         bwd_flops += 2 * S * rank * (2 * H + 3 * I) * 6
     return {"fwd_bytes": fwd_bytes, "bwd_bytes": bwd_bytes, "fwd_flops": fwd_flops, "bwd_flops": bwd_flops}
