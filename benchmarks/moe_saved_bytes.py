@@ -45,10 +45,14 @@ CONTENDERS = ("eager", "grouped_mm", "batched_mm", "fastft")
 # batched_mm gathers one (2I, H) weight matrix per (token, slot) pair: 12.9 GB at the brief's shape, so it is
 # measured only where that fits (--contenders adds it back).
 DEFAULT_CONTENDERS = ("eager", "grouped_mm", "fastft")
-TINY = dataclasses.replace(moe_shapes.SAVED_BYTES, name="tiny", tokens=32, hidden=64, intermediate=32, experts=8,
-                           top_k=4)
-SHAPES = {"saved-bytes": moe_shapes.SAVED_BYTES, "gpt-oss-20b": dataclasses.replace(moe_shapes.GPT_OSS_20B, tokens=64),
-          "tiny": TINY}
+TINY = dataclasses.replace(
+    moe_shapes.SAVED_BYTES, name="tiny", tokens=32, hidden=64, intermediate=32, experts=8, top_k=4
+)
+SHAPES = {
+    "saved-bytes": moe_shapes.SAVED_BYTES,
+    "gpt-oss-20b": dataclasses.replace(moe_shapes.GPT_OSS_20B, tokens=64),
+    "tiny": TINY,
+}
 
 
 class _Holder(torch.nn.Module):
@@ -67,13 +71,23 @@ def build_experts(shape: moe_shapes.MoEShape, inputs: dict, implementation: str)
     if shape.gpt_oss:
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as cls
 
-        cfg = AutoConfig.for_model("gpt_oss", hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                                   num_local_experts=shape.experts, num_experts_per_tok=shape.top_k)
+        cfg = AutoConfig.for_model(
+            "gpt_oss",
+            hidden_size=shape.hidden,
+            intermediate_size=shape.intermediate,
+            num_local_experts=shape.experts,
+            num_experts_per_tok=shape.top_k,
+        )
     else:
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as cls
 
-        cfg = AutoConfig.for_model("qwen3_moe", hidden_size=shape.hidden, moe_intermediate_size=shape.intermediate,
-                                   num_experts=shape.experts, num_experts_per_tok=shape.top_k)
+        cfg = AutoConfig.for_model(
+            "qwen3_moe",
+            hidden_size=shape.hidden,
+            moe_intermediate_size=shape.intermediate,
+            num_experts=shape.experts,
+            num_experts_per_tok=shape.top_k,
+        )
     cfg._experts_implementation = implementation
     with torch.device("meta"):
         experts = cls(cfg)
@@ -82,6 +96,21 @@ def build_experts(shape: moe_shapes.MoEShape, inputs: dict, implementation: str)
             attr = {"gate_up": "gate_up_proj", "down": "down_proj"}.get(name, name.replace("_bias", "_proj_bias"))
             setattr(experts, attr, torch.nn.Parameter(inputs[name].detach(), requires_grad=inputs[name].requires_grad))
     return experts
+
+
+def fastft_view(model: torch.nn.Module, num_experts: int) -> tuple[torch.nn.Module, MoELoRA | None]:
+    """The experts module inside ``model`` (PEFT-wrapped or not) and its active adapters as :class:`MoELoRA`."""
+    wrappers = {m.parameter_name: m for m in model.modules() if type(m).__name__ == "ParamWrapper"}
+    if not wrappers:
+        return model.experts, None
+
+    def factors(name):
+        w = wrappers[name]
+        A, B = peft_factors(w.lora_A["default"].weight, w.lora_B["default"].weight, num_experts)
+        return A, B, w.scaling["default"]
+
+    gu, d = factors("gate_up_proj"), factors("down_proj")
+    return wrappers["gate_up_proj"].get_base_layer(), MoELoRA(*gu, *d)
 
 
 def _meter():
@@ -106,48 +135,55 @@ def measure(shape: moe_shapes.MoEShape, mode: str, contenders=CONTENDERS, dtype=
         model = _Holder(build_experts(shape, inputs, "eager" if contender == "fastft" else contender))
         if mode == "lora":
             torch.manual_seed(0)
-            model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=[],
-                                                     target_parameters=["experts.gate_up_proj", "experts.down_proj"],
-                                                     init_lora_weights=False))
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=16,
+                    lora_alpha=32,
+                    target_modules=[],
+                    target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+                    init_lora_weights=False,
+                ),
+            )
         param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
         hidden = inputs["hidden"]
         saved, hooks = _meter()
         with hooks:
             if contender == "fastft":
-                wrappers = {m.parameter_name: m for m in model.modules() if type(m).__name__ == "ParamWrapper"}
-                experts = wrappers["gate_up_proj"].get_base_layer() if wrappers else model.experts
-                lora = None
-                if mode == "lora":
-
-                    def fac(name):
-                        w = wrappers[name]
-                        return (*peft_factors(w.lora_A["default"].weight, w.lora_B["default"].weight, shape.experts),
-                                w.scaling["default"])
-
-                    gu, d = fac("gate_up_proj"), fac("down_proj")
-                    lora = MoELoRA(gu[0], gu[1], gu[2], d[0], d[1], d[2])
-                gate_up = experts.gate_up_proj
+                experts, lora = fastft_view(model, shape.experts)
                 with force_backend("torch"):
-                    moe_experts(hidden, inputs["top_k_index"], inputs["top_k_weights"], gate_up, experts.down_proj,
-                                getattr(experts, "gate_up_proj_bias", None), getattr(experts, "down_proj_bias", None),
-                                lora=lora, **kwargs)
+                    moe_experts(
+                        hidden,
+                        inputs["top_k_index"],
+                        inputs["top_k_weights"],
+                        experts.gate_up_proj,
+                        experts.down_proj,
+                        getattr(experts, "gate_up_proj_bias", None),
+                        getattr(experts, "down_proj_bias", None),
+                        lora=lora,
+                        **kwargs,
+                    )
             else:
                 model(hidden, inputs["top_k_index"], inputs["top_k_weights"])
         activations = [v for k, v in saved.items() if k not in param_ptrs]
-        rows.append({
-            "contender": contender,
-            "mode": mode,
-            "activation_bytes": sum(v[2] for v in activations),
-            "parameter_bytes": sum(v[2] for k, v in saved.items() if k in param_ptrs),
-            "tensors": sorted(activations, key=lambda v: -v[2]),
-        })
+        rows.append(
+            {
+                "contender": contender,
+                "mode": mode,
+                "activation_bytes": sum(v[2] for v in activations),
+                "parameter_bytes": sum(v[2] for k, v in saved.items() if k in param_ptrs),
+                "tensors": sorted(activations, key=lambda v: -v[2]),
+            }
+        )
     return rows
 
 
 def markdown(shape: moe_shapes.MoEShape, rows: list[dict]) -> str:
     lines = [
-        f"Saved for backward, one MoE experts forward: {shape.name} (T={shape.tokens}, H={shape.hidden}, "
-        f"I={shape.intermediate}, E={shape.experts}, top-{shape.top_k}), bf16, CPU",
+        (
+            f"Saved for backward, one MoE experts forward: {shape.name} (T={shape.tokens}, H={shape.hidden}, "
+            f"I={shape.intermediate}, E={shape.experts}, top-{shape.top_k}), bf16, CPU"
+        ),
         "",
         "| mode | contender | activation bytes | fastft / this | saved activation tensors |",
         "|---|---|---:|---:|---|",
@@ -156,8 +192,10 @@ def markdown(shape: moe_shapes.MoEShape, rows: list[dict]) -> str:
     for r in rows:
         ratio = ours[r["mode"]] / r["activation_bytes"] if r["activation_bytes"] else float("nan")
         tensors = ", ".join(f"{s} {d}" for s, d, _ in r["tensors"][:6]) + (" ..." if len(r["tensors"]) > 6 else "")
-        lines.append(f"| {r['mode']} | {r['contender']} | {r['activation_bytes'] / 2**20:.2f} MiB | {ratio:.3f}x | "
-                     f"{len(r['tensors'])}: {tensors} |")
+        lines.append(
+            f"| {r['mode']} | {r['contender']} | {r['activation_bytes'] / 2**20:.2f} MiB | {ratio:.3f}x | "
+            f"{len(r['tensors'])}: {tensors} |"
+        )
     return "\n".join(lines)
 
 

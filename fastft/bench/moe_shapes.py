@@ -34,8 +34,9 @@ GPT_OSS_20B = MoEShape("gpt-oss-20b", tokens=8192, hidden=2880, intermediate=288
 SAVED_BYTES = MoEShape("saved-bytes", tokens=256, hidden=2048, intermediate=768, experts=16, top_k=8)
 # Without a GPU: Qwen3-30B-A3B's proportions at half width, 16 experts, 64 tokens (the float64 accuracy pass of the
 # kernel benchmark copies every stack, so the full 128 x 3 x 2048 x 768 would be gigabytes on a CPU).
-CPU_QWEN3 = dataclasses.replace(QWEN3_30B_A3B, name="qwen3-30b-a3b/2@64tok/16e", tokens=64, hidden=1024,
-                                intermediate=384, experts=16)
+CPU_QWEN3 = dataclasses.replace(
+    QWEN3_30B_A3B, name="qwen3-30b-a3b/2@64tok/16e", tokens=64, hidden=1024, intermediate=384, experts=16
+)
 
 
 def moe_kwargs(shape: MoEShape) -> dict:
@@ -46,8 +47,12 @@ def moe_kwargs(shape: MoEShape) -> dict:
 
 
 def moe_inputs(
-    shape: MoEShape, device: torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-    *, train_experts: bool = True,
+    shape: MoEShape,
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    *,
+    train_experts: bool = True,
 ) -> dict:
     """hidden (T, H) and router weights that need gradients, top_k_index, the expert stacks (+ biases for gpt-oss)
     in transformers' layouts; the stacks require grad when ``train_experts`` (full fine-tuning)."""

@@ -131,8 +131,19 @@ def _gate_backward_torch(gu, gh, w_sorted, spec: GateSpec, dtype):
 # ------------------------------------------------------------------------------------------ torch path
 
 
-def _grouped_mm_torch(x, routing: Routing, weight, *, gather=False, bias=None, lora=None, gate=None,
-                      row_scale=None, scatter=False, out_dtype=None):
+def _grouped_mm_torch(
+    x,
+    routing: Routing,
+    weight,
+    *,
+    gather=False,
+    bias=None,
+    lora=None,
+    gate=None,
+    row_scale=None,
+    scatter=False,
+    out_dtype=None,
+):
     cd = _compute_dtype(x.dtype)
     rows = x[routing.token.long()] if gather else x
     S = routing.order.numel()
@@ -163,8 +174,9 @@ def _grouped_mm_torch(x, routing: Routing, weight, *, gather=False, bias=None, l
     return out
 
 
-def _grouped_wgrad_torch(left, right, routing: Routing, out, *, left_gather=False, right_gather=False,
-                         left_scale=None, scaling=1.0):
+def _grouped_wgrad_torch(
+    left, right, routing: Routing, out, *, left_gather=False, right_gather=False, left_scale=None, scaling=1.0
+):
     cd = _compute_dtype(left.dtype)
     tok = routing.token.long()
     L = left[tok] if left_gather else left
@@ -270,18 +282,54 @@ def _dot(a, b, acc, PREC: tl.constexpr, DOT_F32: tl.constexpr):
 
 @triton.jit
 def _grouped_mm_kernel(
-    x_ptr, stride_xm, stride_xk,
-    token_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
-    w_ptr, stride_we, stride_wn, stride_wk,
-    bias_ptr, stride_be, stride_bn,
-    a_ptr, stride_ae, stride_ar, stride_ak,
-    b_ptr, stride_bbe, stride_bbn, stride_bbr,
-    scale_ptr, out_ptr, stride_om, stride_on,
-    N, K, R, scaling, limit, alpha,
-    GATHER: tl.constexpr, SCATTER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-    HAS_SCALE: tl.constexpr, GATE: tl.constexpr, ACT: tl.constexpr, INTERLEAVED: tl.constexpr,
-    HAS_LIMIT: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    x_ptr,
+    stride_xm,
+    stride_xk,
+    token_ptr,
+    order_ptr,
+    tile_expert_ptr,
+    tile_start_ptr,
+    tile_end_ptr,
+    w_ptr,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    bias_ptr,
+    stride_be,
+    stride_bn,
+    a_ptr,
+    stride_ae,
+    stride_ar,
+    stride_ak,
+    b_ptr,
+    stride_bbe,
+    stride_bbn,
+    stride_bbr,
+    scale_ptr,
+    out_ptr,
+    stride_om,
+    stride_on,
+    N,
+    K,
+    R,
+    scaling,
+    limit,
+    alpha,
+    GATHER: tl.constexpr,
+    SCATTER: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    GATE: tl.constexpr,
+    ACT: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    HAS_LIMIT: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BR: tl.constexpr,
 ):
     # One (BM rows of one expert) x (BN output columns) tile. Memory traffic: the x rows (gathered by token
     # when GATHER) once per column tile, the expert's weight columns once per row tile, the output once.
@@ -324,16 +372,25 @@ def _grouped_mm_kernel(
         ks = k0 + tl.arange(0, BK)
         mask_k = ks < K
         x = tl.load(x_rows + ks[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wg = tl.load(w_base + gcols[None, :] * stride_wn + ks[:, None] * stride_wk,
-                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        wg = tl.load(
+            w_base + gcols[None, :] * stride_wn + ks[:, None] * stride_wk,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
         acc_g = _dot(x, wg.to(x.dtype), acc_g, PREC, DOT_F32)
         if GATE == 1:
-            wu = tl.load(w_base + ucols[None, :] * stride_wn + ks[:, None] * stride_wk,
-                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            wu = tl.load(
+                w_base + ucols[None, :] * stride_wn + ks[:, None] * stride_wk,
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
             acc_u = _dot(x, wu.to(x.dtype), acc_u, PREC, DOT_F32)
         if HAS_LORA:
-            a = tl.load(a_ptr + e64 * stride_ae + ranks[None, :] * stride_ar + ks[:, None] * stride_ak,
-                        mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            a = tl.load(
+                a_ptr + e64 * stride_ae + ranks[None, :] * stride_ar + ks[:, None] * stride_ak,
+                mask=mask_k[:, None] & mask_r[None, :],
+                other=0.0,
+            )
             acc_r = _dot(x, a.to(x.dtype), acc_r, PREC, DOT_F32)
     if HAS_LORA:
         # + s (x A^T) B^T: (BM, r) x (r, BN) in fp32 (r is small, the fp32 product costs nothing).
@@ -361,18 +418,40 @@ def _grouped_mm_kernel(
         dst = tl.load(order_ptr + rows, mask=mask_m, other=0).to(tl.int64)
     else:
         dst = rows.to(tl.int64)
-    tl.store(out_ptr + dst[:, None] * stride_om + cols[None, :] * stride_on,
-             out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(
+        out_ptr + dst[:, None] * stride_om + cols[None, :] * stride_on,
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
 
 
 @triton.jit
 def _grouped_wgrad_kernel(
-    l_ptr, stride_lm, stride_lk, r_ptr, stride_rm, stride_rk,
-    token_ptr, offsets_ptr, scale_ptr,
-    out_ptr, stride_oe, stride_om, stride_on,
-    M, N, scaling,
-    L_GATHER: tl.constexpr, R_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr,
-    PREC: tl.constexpr, DOT_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    l_ptr,
+    stride_lm,
+    stride_lk,
+    r_ptr,
+    stride_rm,
+    stride_rk,
+    token_ptr,
+    offsets_ptr,
+    scale_ptr,
+    out_ptr,
+    stride_oe,
+    stride_om,
+    stride_on,
+    M,
+    N,
+    scaling,
+    L_GATHER: tl.constexpr,
+    R_GATHER: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
 ):
     # out[e] tile (BM, BN) = s sum over the expert's rows p of (scale_p L[p])^T R[p]. Traffic: the expert's
     # rows of L (BM columns) and R (BN columns) once per output tile, the tile once. An expert with no row
@@ -398,10 +477,16 @@ def _grouped_wgrad_kernel(
             rsrc = tl.load(token_ptr + ps, mask=mask_p, other=0).to(tl.int64)
         else:
             rsrc = ps.to(tl.int64)
-        lt = tl.load(l_ptr + lsrc[None, :] * stride_lm + ms[:, None] * stride_lk,
-                     mask=mask_m[:, None] & mask_p[None, :], other=0.0)  # (BM, BK): L^T
-        r = tl.load(r_ptr + rsrc[:, None] * stride_rm + ns[None, :] * stride_rk,
-                    mask=mask_p[:, None] & mask_n[None, :], other=0.0)  # (BK, BN)
+        lt = tl.load(
+            l_ptr + lsrc[None, :] * stride_lm + ms[:, None] * stride_lk,
+            mask=mask_m[:, None] & mask_p[None, :],
+            other=0.0,
+        )  # (BM, BK): L^T
+        r = tl.load(
+            r_ptr + rsrc[:, None] * stride_rm + ns[None, :] * stride_rk,
+            mask=mask_p[:, None] & mask_n[None, :],
+            other=0.0,
+        )  # (BK, BN)
         if HAS_SCALE:
             scale = tl.load(scale_ptr + ps, mask=mask_p, other=0.0).to(tl.float32)
             lt = (lt.to(tl.float32) * scale[None, :]).to(lt.dtype)
@@ -410,17 +495,35 @@ def _grouped_wgrad_kernel(
         else:
             acc = _dot(lt, r, acc, PREC, DOT_F32)
     acc = acc * scaling
-    tl.store(out_ptr + expert.to(tl.int64) * stride_oe + ms[:, None] * stride_om + ns[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(
+        out_ptr + expert.to(tl.int64) * stride_oe + ms[:, None] * stride_om + ns[None, :] * stride_on,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
 
 
 @triton.jit
 def _gate_backward_kernel(
-    gu_ptr, stride_gum, gh_ptr, stride_ghm, scale_ptr,
-    h_ptr, stride_hm, dgu_ptr, stride_dgum, dw_ptr,
-    S, N, limit, alpha,
-    GATE: tl.constexpr, ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_LIMIT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr,
+    gu_ptr,
+    stride_gum,
+    gh_ptr,
+    stride_ghm,
+    scale_ptr,
+    h_ptr,
+    stride_hm,
+    dgu_ptr,
+    stride_dgum,
+    dw_ptr,
+    S,
+    N,
+    limit,
+    alpha,
+    GATE: tl.constexpr,
+    ACT: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    HAS_LIMIT: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
 ):
     # Elementwise over BM rows, looping over the N gated columns: reads gu (the recomputed pre-activation,
     # fp32) and gh (dL/dh / w, fp32), writes h (rounded as in forward), dgu = gate'(gu) w gh and the
@@ -455,11 +558,13 @@ def _gate_backward_kernel(
         tl.store(h_ptr + r64[:, None] * stride_hm + cols[None, :], h_low, mask=mask)
         dw += tl.sum(gh * h_low.to(tl.float32), axis=1)
         dh = gh * w[:, None]
-        tl.store(dgu_ptr + r64[:, None] * stride_dgum + gcols[None, :],
-                 (dg * dh).to(dgu_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            dgu_ptr + r64[:, None] * stride_dgum + gcols[None, :], (dg * dh).to(dgu_ptr.dtype.element_ty), mask=mask
+        )
         if GATE == 1:
-            tl.store(dgu_ptr + r64[:, None] * stride_dgum + ucols[None, :],
-                     (du * dh).to(dgu_ptr.dtype.element_ty), mask=mask)
+            tl.store(
+                dgu_ptr + r64[:, None] * stride_dgum + ucols[None, :], (du * dh).to(dgu_ptr.dtype.element_ty), mask=mask
+            )
     tl.store(dw_ptr + rows, dw, mask=mask_m)
 
 
@@ -504,8 +609,19 @@ def _tile_table(routing: Routing, block_m: int):
     return expert.to(torch.int32), start.to(torch.int32), end.to(torch.int32), slots.numel()
 
 
-def _grouped_mm_triton(x, routing: Routing, weight, *, gather=False, bias=None, lora=None, gate=None,
-                       row_scale=None, scatter=False, out_dtype=None):
+def _grouped_mm_triton(
+    x,
+    routing: Routing,
+    weight,
+    *,
+    gather=False,
+    bias=None,
+    lora=None,
+    gate=None,
+    row_scale=None,
+    scatter=False,
+    out_dtype=None,
+):
     S = routing.order.numel()
     n_gemm, K = weight.shape[1], weight.shape[2]
     gate_mode = _GATE_NONE if gate is None else (_GATE_GATED if gate.gated else _GATE_ACT)
@@ -514,8 +630,18 @@ def _grouped_mm_triton(x, routing: Routing, weight, *, gather=False, bias=None, 
     if S == 0 or N == 0:
         return out
     if K == 0:
-        return _grouped_mm_torch(x, routing, weight, gather=gather, bias=bias, lora=lora, gate=gate,
-                                 row_scale=row_scale, scatter=scatter, out_dtype=out_dtype)
+        return _grouped_mm_torch(
+            x,
+            routing,
+            weight,
+            gather=gather,
+            bias=bias,
+            lora=lora,
+            gate=gate,
+            row_scale=row_scale,
+            scatter=scatter,
+            out_dtype=out_dtype,
+        )
     tile_expert, tile_start, tile_end, n_slots = _tile_table(routing, _BM)
     dummy = out
     A = lora.A if lora is not None else dummy.new_empty((1, 1, 1))
@@ -524,39 +650,91 @@ def _grouped_mm_triton(x, routing: Routing, weight, *, gather=False, bias=None, 
     b = bias if bias is not None else dummy.new_empty((1, 1))
     grid = (n_slots, triton.cdiv(N, _BN))
     _grouped_mm_kernel[grid](
-        x, x.stride(0), x.stride(1),
-        routing.token, routing.order, tile_expert, tile_start, tile_end,
-        weight, weight.stride(0), weight.stride(1), weight.stride(2),
-        b, b.stride(0), b.stride(1),
-        A, A.stride(0), A.stride(1), A.stride(2),
-        B, B.stride(0), B.stride(1), B.stride(2),
-        row_scale if row_scale is not None else dummy, out, out.stride(0), out.stride(1),
-        N, K, r, float(lora.scaling) if lora is not None else 1.0,
+        x,
+        x.stride(0),
+        x.stride(1),
+        routing.token,
+        routing.order,
+        tile_expert,
+        tile_start,
+        tile_end,
+        weight,
+        weight.stride(0),
+        weight.stride(1),
+        weight.stride(2),
+        b,
+        b.stride(0),
+        b.stride(1),
+        A,
+        A.stride(0),
+        A.stride(1),
+        A.stride(2),
+        B,
+        B.stride(0),
+        B.stride(1),
+        B.stride(2),
+        row_scale if row_scale is not None else dummy,
+        out,
+        out.stride(0),
+        out.stride(1),
+        N,
+        K,
+        r,
+        float(lora.scaling) if lora is not None else 1.0,
         float(gate.limit) if gate is not None and gate.limit is not None else 0.0,
         float(gate.alpha) if gate is not None else 1.0,
-        GATHER=gather, SCATTER=scatter, HAS_BIAS=bias is not None, HAS_LORA=lora is not None,
-        HAS_SCALE=row_scale is not None, GATE=gate_mode, ACT=_ACT_CODES[gate.act] if gate is not None else 0,
+        GATHER=gather,
+        SCATTER=scatter,
+        HAS_BIAS=bias is not None,
+        HAS_LORA=lora is not None,
+        HAS_SCALE=row_scale is not None,
+        GATE=gate_mode,
+        ACT=_ACT_CODES[gate.act] if gate is not None else 0,
         INTERLEAVED=bool(gate is not None and gate.interleaved),
-        HAS_LIMIT=bool(gate is not None and gate.limit is not None), PREC=_prec(x.dtype),
+        HAS_LIMIT=bool(gate is not None and gate.limit is not None),
+        PREC=_prec(x.dtype),
         DOT_F32=triton_interpreted(),
-        BM=_BM, BN=_BN, BK=_BK, BR=_rank_block(r),
+        BM=_BM,
+        BN=_BN,
+        BK=_BK,
+        BR=_rank_block(r),
     )
     return out
 
 
-def _grouped_wgrad_triton(left, right, routing: Routing, out, *, left_gather=False, right_gather=False,
-                          left_scale=None, scaling=1.0):
+def _grouped_wgrad_triton(
+    left, right, routing: Routing, out, *, left_gather=False, right_gather=False, left_scale=None, scaling=1.0
+):
     E, M, N = out.shape
     if M == 0 or N == 0:
         return out
     grid = (E, triton.cdiv(M, _BM) * triton.cdiv(N, _BN))
     _grouped_wgrad_kernel[grid](
-        left, left.stride(0), left.stride(1), right, right.stride(0), right.stride(1),
-        routing.token, routing.offsets, left_scale if left_scale is not None else out,
-        out, out.stride(0), out.stride(1), out.stride(2),
-        M, N, float(scaling),
-        L_GATHER=left_gather, R_GATHER=right_gather, HAS_SCALE=left_scale is not None,
-        UPCAST=left.dtype != right.dtype, PREC=_prec(left.dtype), DOT_F32=triton_interpreted(), BM=_BM, BN=_BN, BK=_BK,
+        left,
+        left.stride(0),
+        left.stride(1),
+        right,
+        right.stride(0),
+        right.stride(1),
+        routing.token,
+        routing.offsets,
+        left_scale if left_scale is not None else out,
+        out,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        M,
+        N,
+        float(scaling),
+        L_GATHER=left_gather,
+        R_GATHER=right_gather,
+        HAS_SCALE=left_scale is not None,
+        UPCAST=left.dtype != right.dtype,
+        PREC=_prec(left.dtype),
+        DOT_F32=triton_interpreted(),
+        BM=_BM,
+        BN=_BN,
+        BK=_BK,
     )
     return out
 
@@ -569,11 +747,26 @@ def _gate_backward_triton(gu, gh, w_sorted, spec: GateSpec, dtype):
     if S == 0:
         return h, dgu, dw
     _gate_backward_kernel[(triton.cdiv(S, _GATE_BM),)](
-        gu, gu.stride(0), gh, gh.stride(0), w_sorted,
-        h, h.stride(0), dgu, dgu.stride(0), dw,
-        S, N, float(spec.limit) if spec.limit is not None else 0.0, float(spec.alpha),
-        GATE=_GATE_GATED if spec.gated else _GATE_ACT, ACT=_ACT_CODES[spec.act], INTERLEAVED=spec.interleaved,
-        HAS_LIMIT=spec.limit is not None, BM=_GATE_BM, BN=_GATE_BN,
+        gu,
+        gu.stride(0),
+        gh,
+        gh.stride(0),
+        w_sorted,
+        h,
+        h.stride(0),
+        dgu,
+        dgu.stride(0),
+        dw,
+        S,
+        N,
+        float(spec.limit) if spec.limit is not None else 0.0,
+        float(spec.alpha),
+        GATE=_GATE_GATED if spec.gated else _GATE_ACT,
+        ACT=_ACT_CODES[spec.act],
+        INTERLEAVED=spec.interleaved,
+        HAS_LIMIT=spec.limit is not None,
+        BM=_GATE_BM,
+        BN=_GATE_BN,
     )
     return h, dgu, dw
 

@@ -217,8 +217,13 @@ def _check(
     def fail(msg: str):
         raise ValueError(f"moe_experts: {msg}")
 
-    for name, t in (("hidden", hidden), ("top_k_index", top_k_index), ("top_k_weights", top_k_weights),
-                    ("gate_up", gate_up), ("down", down)):
+    for name, t in (
+        ("hidden", hidden),
+        ("top_k_index", top_k_index),
+        ("top_k_weights", top_k_weights),
+        ("gate_up", gate_up),
+        ("down", down),
+    ):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"moe_experts: {name} must be a torch.Tensor, got {type(t).__name__}")
     if hidden.dim() != 2:
@@ -251,10 +256,7 @@ def _check(
             f"(layout {layout}; pass transposed={not transposed} if the stacks are stored the other way)"
         )
     if gu_out != (2 * d_in if gated else d_in):
-        fail(
-            f"gate_up's output size {gu_out} is not {'2 x ' if gated else ''}down's input size {d_in} "
-            f"(gated={gated})"
-        )
+        fail(f"gate_up's output size {gu_out} is not {'2 x ' if gated else ''}down's input size {d_in} (gated={gated})")
     for name, b, n in (("gate_up_bias", gate_up_bias, gu_out), ("down_bias", down_bias, H)):
         if b is not None and (b.shape != (E, n) or b.dtype != hidden.dtype):
             fail(f"{name} must be ({E}, {n}) of dtype {hidden.dtype}, got {_shape(b)} {b.dtype}")
@@ -277,8 +279,15 @@ def _check(
                 fail(f"lora.{proj}_A and lora.{proj}_B must be given together")
             if A is None:
                 continue
-            if A.dim() != 3 or B.dim() != 3 or A.shape[0] != E or B.shape[0] != E or A.shape[2] != n_in \
-                    or B.shape[1] != n_out or A.shape[1] != B.shape[2]:
+            if (
+                A.dim() != 3
+                or B.dim() != 3
+                or A.shape[0] != E
+                or B.shape[0] != E
+                or A.shape[2] != n_in
+                or B.shape[1] != n_out
+                or A.shape[1] != B.shape[2]
+            ):
                 fail(
                     f"lora.{proj}_A {_shape(A)} / lora.{proj}_B {_shape(B)} must be (E={E}, r, {n_in}) and "
                     f"(E={E}, {n_out}, r); peft_factors() builds them from PEFT's lora_A/lora_B weights"
@@ -312,8 +321,9 @@ class MoEExpertsFunction(torch.autograd.Function):
     """Forward and hand-derived backward of :func:`moe_experts` (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, cfg: _Config, hidden, top_k_index, top_k_weights, gate_up, down, gu_bias, d_bias,
-                gu_A, gu_B, d_A, d_B):
+    def forward(
+        ctx, cfg: _Config, hidden, top_k_index, top_k_weights, gate_up, down, gu_bias, d_bias, gu_A, gu_B, d_A, d_B
+    ):
         ops = gm.ops(cfg.triton)
         T, K = top_k_index.shape
         E = gate_up.shape[0]
@@ -323,18 +333,25 @@ class MoEExpertsFunction(torch.autograd.Function):
         w_sorted = top_k_weights.reshape(-1)[routing.order]
         lora_gu = gm.LoRAFactors(gu_A, gu_B, cfg.gu_scaling) if gu_A is not None else None
         lora_d = gm.LoRAFactors(d_A, d_B, cfg.d_scaling) if d_A is not None else None
-        h = ops.grouped_mm(hidden, routing, w_gu, gather=True, bias=gu_bias, lora=lora_gu, gate=cfg.gate,
-                           out_dtype=hidden.dtype)
-        y_pairs = ops.grouped_mm(h, routing, w_d, bias=d_bias, lora=lora_d, row_scale=w_sorted, scatter=True,
-                                 out_dtype=acc)
+        h = ops.grouped_mm(
+            hidden, routing, w_gu, gather=True, bias=gu_bias, lora=lora_gu, gate=cfg.gate, out_dtype=hidden.dtype
+        )
+        y_pairs = ops.grouped_mm(
+            h, routing, w_d, bias=d_bias, lora=lora_d, row_scale=w_sorted, scatter=True, out_dtype=acc
+        )
         out = y_pairs.view(T, K, hidden.shape[1]).sum(dim=1).to(hidden.dtype)
         ctx.cfg = cfg
-        ctx.save_for_backward(hidden, top_k_index, top_k_weights, gate_up, down, gu_bias, d_bias,
-                              gu_A, gu_B, d_A, d_B)
+        ctx.save_for_backward(hidden, top_k_index, top_k_weights, gate_up, down, gu_bias, d_bias, gu_A, gu_B, d_A, d_B)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        # Autocast may be on around .backward() (the forward's own ops had it off): keep it off here too.
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return MoEExpertsFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         cfg = ctx.cfg
         hidden, top_k_index, top_k_weights, gate_up, down, gu_bias, d_bias, gu_A, gu_B, d_A, d_B = ctx.saved_tensors
         needs = ctx.needs_input_grad
@@ -369,8 +386,9 @@ class MoEExpertsFunction(torch.autograd.Function):
         # Down projection: left operand w_p g_t (gathered, scaled), right operand h_p.
         if needs[5]:
             d_down = torch.empty_like(down)
-            ops.grouped_wgrad(g, h, routing, _views(d_down, d_down, cfg.transposed)[1], left_gather=True,
-                              left_scale=w_sorted)
+            ops.grouped_wgrad(
+                g, h, routing, _views(d_down, d_down, cfg.transposed)[1], left_gather=True, left_scale=w_sorted
+            )
             grads_w["down"] = d_down
         if needs[7]:
             grads_w["d_bias"] = ops.segment_sum(g, routing, gather=True, row_scale=w_sorted).to(d_bias.dtype)
@@ -381,8 +399,7 @@ class MoEExpertsFunction(torch.autograd.Function):
                 ops.grouped_wgrad(g, ha, routing, dB, left_gather=True, left_scale=w_sorted, scaling=cfg.d_scaling)
                 grads_w["d_B"] = dB.to(d_B.dtype)
             if needs[10]:  # dAd_e = s sum (w g Bd)^T h
-                gb = ops.grouped_mm(g, routing, d_B.transpose(1, 2), gather=True, row_scale=w_sorted,
-                                    out_dtype=acc)
+                gb = ops.grouped_mm(g, routing, d_B.transpose(1, 2), gather=True, row_scale=w_sorted, out_dtype=acc)
                 dA = torch.empty(d_A.shape, dtype=acc, device=g.device)
                 ops.grouped_wgrad(gb, h, routing, dA, scaling=cfg.d_scaling)
                 grads_w["d_A"] = dA.to(d_A.dtype)
@@ -390,16 +407,15 @@ class MoEExpertsFunction(torch.autograd.Function):
 
         d_hidden = None
         if needs[1]:
-            lora_gu_t = (gm.LoRAFactors(gu_B.transpose(1, 2), gu_A.transpose(1, 2), cfg.gu_scaling)
-                         if gu_A is not None else None)
-            dx_pairs = ops.grouped_mm(dgu, routing, w_gu.transpose(1, 2), lora=lora_gu_t, scatter=True,
-                                      out_dtype=acc)
+            lora_gu_t = (
+                gm.LoRAFactors(gu_B.transpose(1, 2), gu_A.transpose(1, 2), cfg.gu_scaling) if gu_A is not None else None
+            )
+            dx_pairs = ops.grouped_mm(dgu, routing, w_gu.transpose(1, 2), lora=lora_gu_t, scatter=True, out_dtype=acc)
             d_hidden = dx_pairs.view(T, K, hidden.shape[1]).sum(dim=1).to(dtype)
             del dx_pairs
         if needs[4]:
             d_gate_up = torch.empty_like(gate_up)
-            ops.grouped_wgrad(dgu, hidden, routing, _views(d_gate_up, d_gate_up, cfg.transposed)[0],
-                              right_gather=True)
+            ops.grouped_wgrad(dgu, hidden, routing, _views(d_gate_up, d_gate_up, cfg.transposed)[0], right_gather=True)
             grads_w["gate_up"] = d_gate_up
         if needs[6]:
             grads_w["gu_bias"] = ops.segment_sum(dgu, routing).to(gu_bias.dtype)
@@ -414,9 +430,20 @@ class MoEExpertsFunction(torch.autograd.Function):
                 dA = torch.empty(gu_A.shape, dtype=acc, device=g.device)
                 ops.grouped_wgrad(db_, hidden, routing, dA, right_gather=True, scaling=cfg.gu_scaling)
                 grads_w["gu_A"] = dA.to(gu_A.dtype)
-        return (None, d_hidden, None, d_router, grads_w.get("gate_up"), grads_w.get("down"),
-                grads_w.get("gu_bias"), grads_w.get("d_bias"), grads_w.get("gu_A"), grads_w.get("gu_B"),
-                grads_w.get("d_A"), grads_w.get("d_B"))
+        return (
+            None,
+            d_hidden,
+            None,
+            d_router,
+            grads_w.get("gate_up"),
+            grads_w.get("down"),
+            grads_w.get("gu_bias"),
+            grads_w.get("d_bias"),
+            grads_w.get("gu_A"),
+            grads_w.get("gu_B"),
+            grads_w.get("d_A"),
+            grads_w.get("d_B"),
+        )
 
 
 def moe_experts(
@@ -446,29 +473,79 @@ def moe_experts(
     sync; ``validate=False`` skips it, for callers that guarantee it). CUDA tensors (or CPU tensors under
     ``TRITON_INTERPRET=1``) run the Triton kernels, others the torch path with the same backward.
     """
-    _check(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, act, gated, transposed,
-           limit, lora)
+    device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
+        # As F.linear under torch.autocast (an HF Trainer with bf16=True on an fp32 model): the GEMM operands are
+        # cast to the autocast dtype (autograd ops, so fp32 masters get fp32 gradients) and the Function runs with
+        # autocast off. The router weights multiply outputs elementwise (no autocast there): left as they are.
+        low = torch.get_autocast_dtype(device_type)
+
+        def cast(t):
+            return (
+                t.to(low) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+            )
+
+        hidden, gate_up, down, gate_up_bias, down_bias = map(cast, (hidden, gate_up, down, gate_up_bias, down_bias))
+        if lora is not None:
+            lora = MoELoRA(
+                cast(lora.gate_up_A),
+                cast(lora.gate_up_B),
+                lora.gate_up_scaling,
+                cast(lora.down_A),
+                cast(lora.down_B),
+                lora.down_scaling,
+            )
+    _check(
+        hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, act, gated, transposed, limit, lora
+    )
     if validate:
         _check_index_range(top_k_index, gate_up.shape[0])
     lora = lora or MoELoRA()
     cfg = _Config(
-        gate=gm.GateSpec(act=act, gated=gated, interleaved=interleaved, alpha=float(alpha),
-                         limit=None if limit is None else float(limit)),
+        gate=gm.GateSpec(
+            act=act,
+            gated=gated,
+            interleaved=interleaved,
+            alpha=float(alpha),
+            limit=None if limit is None else float(limit),
+        ),
         transposed=transposed,
         gu_scaling=float(lora.gate_up_scaling),
         d_scaling=float(lora.down_scaling),
         triton=use_triton(hidden) and hidden.dtype != torch.float64,
     )
-    return MoEExpertsFunction.apply(cfg, hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias,
-                                    down_bias, lora.gate_up_A, lora.gate_up_B, lora.down_A, lora.down_B)
+    with torch.autocast(device_type, enabled=False):
+        return MoEExpertsFunction.apply(
+            cfg,
+            hidden,
+            top_k_index,
+            top_k_weights,
+            gate_up,
+            down,
+            gate_up_bias,
+            down_bias,
+            lora.gate_up_A,
+            lora.gate_up_B,
+            lora.down_A,
+            lora.down_B,
+        )
 
 
 # ------------------------------------------------------------------------------------------ models
 
 
 def bytes_and_flops(
-    tokens: int, hidden: int, intermediate: int, experts: int, top_k: int, *, itemsize: int = 2, rank: int = 0,
-    full: bool = True, bias: bool = False,
+    tokens: int,
+    hidden: int,
+    intermediate: int,
+    experts: int,
+    top_k: int,
+    *,
+    itemsize: int = 2,
+    rank: int = 0,
+    full: bool = True,
+    bias: bool = False,
 ) -> dict[str, int]:
     """Bytes and FLOPs of one :func:`moe_experts` call (gated experts), forward and backward.
 
@@ -483,15 +560,31 @@ def bytes_and_flops(
     w_gu, w_d = E * 2 * I * H * s, E * H * I * s
     lora_w = E * rank * (H + 2 * I + I + H) * s
     fwd_bytes = (
-        S * H * s + w_gu + S * I * s  # gate/up: gathered x rows, weights, write h
-        + S * I * s + w_d + S * H * 4 + S * H * 4  # down: read h, weights, write fp32 pairs; the k-sum reads them
-        + T * H * s + lora_w + (E * (3 * I + H) * s if bias else 0)
+        S * H * s
+        + w_gu
+        + S * I * s  # gate/up: gathered x rows, weights, write h
+        + S * I * s
+        + w_d
+        + S * H * 4
+        + S * H * 4  # down: read h, weights, write fp32 pairs; the k-sum reads them
+        + T * H * s
+        + lora_w
+        + (E * (3 * I + H) * s if bias else 0)
     )
     bwd_bytes = (
-        S * H * s + w_gu + S * 2 * I * 4  # recompute gu (fp32)
-        + S * H * s + w_d + S * I * 4  # gh
-        + S * 3 * I * 4 + S * I * s + S * 2 * I * s  # gate backward: read gu, gh; write h, dgu
-        + S * 2 * I * s + w_gu + 2 * S * H * 4 + T * H * s  # dx per pair (fp32), the k-sum, dx
+        S * H * s
+        + w_gu
+        + S * 2 * I * 4  # recompute gu (fp32)
+        + S * H * s
+        + w_d
+        + S * I * 4  # gh
+        + S * 3 * I * 4
+        + S * I * s
+        + S * 2 * I * s  # gate backward: read gu, gh; write h, dgu
+        + S * 2 * I * s
+        + w_gu
+        + 2 * S * H * 4
+        + T * H * s  # dx per pair (fp32), the k-sum, dx
         + (S * H * s + S * I * s + w_d + S * 2 * I * s + S * H * s + w_gu if full else 0)  # dW_d, dW_gu
         + 4 * lora_w
     )
@@ -503,85 +596,287 @@ def bytes_and_flops(
     return {"fwd_bytes": fwd_bytes, "bwd_bytes": bwd_bytes, "fwd_flops": fwd_flops, "bwd_flops": bwd_flops}
 
 
-def audit_cases() -> list[AuditCase]:
-    """The grouped kernels at Qwen3-30B-A3B's expert shape (H 2048, I 768, E 128, top-8) and gpt-oss-20b's
-    (H 2880, I 2880, E 32, top-4, biases, interleaved clamped SwiGLU, transposed stacks), 8192 tokens, bf16,
-    LoRA rank 16 on every GEMM. ``min_bytes``: each launch's own reads and writes (weights once, rows once)."""
+def _audit_shape(tag: str, H: int, I: int, E: int, K: int, *, gpt_oss: bool) -> list[AuditCase]:
     from fastft.kernels._spec import Ptr
 
     cases = []
     T, r = 8192, 16
-    for tag, H, I, E, K, gpt_oss in (("qwen3_30b_a3b", 2048, 768, 128, 8, False),
-                                     ("gpt_oss_20b", 2880, 2880, 32, 4, True)):
-        S = T * K
-        slots = S // gm._BM + E
-        common = dict(token_ptr=Ptr("i32"), order_ptr=Ptr("i32"), tile_expert_ptr=Ptr("i32"),
-                      tile_start_ptr=Ptr("i32"), tile_end_ptr=Ptr("i32"), R=r, scaling=2.0,
-                      limit=7.0, alpha=1.702, BM=gm._BM, BN=gm._BN, BK=gm._BK, BR=gm._rank_block(r), PREC="tf32",
-                      DOT_F32=False)
-        # logical (E, N, K) weight strides: HF layout (E, out, in) -> (out*in, in, 1); gpt-oss (E, in, out)
-        gu_strides = (2 * I * H, 1, 2 * I) if gpt_oss else (2 * I * H, H, 1)
-        d_strides = (H * I, 1, H) if gpt_oss else (H * I, I, 1)
+    S = T * K
+    S // gm._BM + E
+    common = {
+        "token_ptr": Ptr("i32"),
+        "order_ptr": Ptr("i32"),
+        "tile_expert_ptr": Ptr("i32"),
+        "tile_start_ptr": Ptr("i32"),
+        "tile_end_ptr": Ptr("i32"),
+        "R": r,
+        "scaling": 2.0,
+        "limit": 7.0,
+        "alpha": 1.702,
+        "BM": gm._BM,
+        "BN": gm._BN,
+        "BK": gm._BK,
+        "BR": gm._rank_block(r),
+        "PREC": "tf32",
+        "DOT_F32": False,
+    }
+    # logical (E, N, K) weight strides: HF layout (E, out, in) -> (out*in, in, 1); gpt-oss (E, in, out)
+    gu_strides = (2 * I * H, 1, 2 * I) if gpt_oss else (2 * I * H, H, 1)
+    d_strides = (H * I, 1, H) if gpt_oss else (H * I, I, 1)
 
-        def mm(name, N, Kd, w_strides, *, gather, scatter, bias, scale, gate, lora, x_cols, out_dtype, out_cols,
-               min_bytes):
-            flags = dict(GATHER=gather, SCATTER=scatter, HAS_BIAS=bias, HAS_LORA=lora, HAS_SCALE=scale,
-                         GATE=gate, ACT=3 if gpt_oss else 0, INTERLEAVED=gpt_oss, HAS_LIMIT=gpt_oss)
-            args = dict(common, **flags, x_ptr=Ptr("bf16"), stride_xm=x_cols, stride_xk=1,
-                        w_ptr=Ptr("bf16"), stride_we=w_strides[0], stride_wn=w_strides[1], stride_wk=w_strides[2],
-                        bias_ptr=Ptr("bf16"), stride_be=N * (2 if gate == 1 else 1), stride_bn=1,
-                        a_ptr=Ptr("bf16"), stride_ae=r * Kd, stride_ar=Kd, stride_ak=1,
-                        b_ptr=Ptr("bf16"), stride_bbe=N * r, stride_bbn=r, stride_bbr=1,
-                        scale_ptr=Ptr("bf16"), out_ptr=Ptr(out_dtype), stride_om=out_cols, stride_on=1, N=N, K=Kd)
-            constexprs = {k: args[k] for k in (*flags, "PREC", "DOT_F32", "BM", "BN", "BK", "BR")}
-            cases.append(AuditCase(name=f"moe_{name}_{tag}", kernel=gm._grouped_mm_kernel, args=args,
-                                   constexprs=constexprs, num_warps=4, num_stages=3,
-                                   shape=f"T={T} H={H} I={I} E={E} K={K} bf16", min_bytes=min_bytes))
+    def mm(name, N, Kd, w_strides, *, gather, scatter, bias, scale, gate, lora, x_cols, out_dtype, out_cols, min_bytes):
+        flags = {
+            "GATHER": gather,
+            "SCATTER": scatter,
+            "HAS_BIAS": bias,
+            "HAS_LORA": lora,
+            "HAS_SCALE": scale,
+            "GATE": gate,
+            "ACT": 3 if gpt_oss else 0,
+            "INTERLEAVED": gpt_oss,
+            "HAS_LIMIT": gpt_oss,
+        }
+        args = dict(
+            common,
+            **flags,
+            x_ptr=Ptr("bf16"),
+            stride_xm=x_cols,
+            stride_xk=1,
+            w_ptr=Ptr("bf16"),
+            stride_we=w_strides[0],
+            stride_wn=w_strides[1],
+            stride_wk=w_strides[2],
+            bias_ptr=Ptr("bf16"),
+            stride_be=N * (2 if gate == 1 else 1),
+            stride_bn=1,
+            a_ptr=Ptr("bf16"),
+            stride_ae=r * Kd,
+            stride_ar=Kd,
+            stride_ak=1,
+            b_ptr=Ptr("bf16"),
+            stride_bbe=N * r,
+            stride_bbn=r,
+            stride_bbr=1,
+            scale_ptr=Ptr("bf16"),
+            out_ptr=Ptr(out_dtype),
+            stride_om=out_cols,
+            stride_on=1,
+            N=N,
+            K=Kd,
+        )
+        constexprs = {k: args[k] for k in (*flags, "PREC", "DOT_F32", "BM", "BN", "BK", "BR")}
+        cases.append(
+            AuditCase(
+                name=f"moe_{name}_{tag}",
+                kernel=gm._grouped_mm_kernel,
+                args=args,
+                constexprs=constexprs,
+                num_warps=4,
+                num_stages=3,
+                shape=f"T={T} H={H} I={I} E={E} K={K} bf16",
+                min_bytes=min_bytes,
+            )
+        )
 
-        lora_gu = E * r * (H + 2 * I) * 2
-        lora_d = E * r * (I + H) * 2
-        mm("gate_up_fwd", I, H, gu_strides, gather=True, scatter=False, bias=gpt_oss, scale=False, gate=1,
-           lora=True, x_cols=H, out_dtype="bf16", out_cols=I,
-           min_bytes=S * H * 2 + E * 2 * I * H * 2 + lora_gu + S * I * 2)
-        mm("down_fwd", H, I, d_strides, gather=False, scatter=True, bias=gpt_oss, scale=True, gate=0, lora=True,
-           x_cols=I, out_dtype="fp32", out_cols=H, min_bytes=S * I * 2 + E * H * I * 2 + lora_d + S * 2 + S * H * 4)
-        mm("gate_up_recompute", 2 * I, H, gu_strides, gather=True, scatter=False, bias=gpt_oss, scale=False,
-           gate=0, lora=True, x_cols=H, out_dtype="fp32", out_cols=2 * I,
-           min_bytes=S * H * 2 + E * 2 * I * H * 2 + lora_gu + S * 2 * I * 4)
-        mm("down_dgrad", I, H, (d_strides[0], d_strides[2], d_strides[1]), gather=True, scatter=False, bias=False,
-           scale=False, gate=0, lora=True, x_cols=H, out_dtype="fp32", out_cols=I,
-           min_bytes=S * H * 2 + E * H * I * 2 + lora_d + S * I * 4)
-        mm("gate_up_dgrad", H, 2 * I, (gu_strides[0], gu_strides[2], gu_strides[1]), gather=False, scatter=True,
-           bias=False, scale=False, gate=0, lora=True, x_cols=2 * I, out_dtype="fp32", out_cols=H,
-           min_bytes=S * 2 * I * 2 + E * 2 * I * H * 2 + lora_gu + S * H * 4)
-        wgrad = dict(l_ptr=Ptr("bf16"), r_ptr=Ptr("bf16"), token_ptr=Ptr("i32"), offsets_ptr=Ptr("i32"),
-                     scale_ptr=Ptr("bf16"), out_ptr=Ptr("bf16"), scaling=1.0, UPCAST=False, PREC="tf32",
-                     DOT_F32=False, BM=gm._BM, BN=gm._BN, BK=gm._BK)
-        wconst = ("L_GATHER", "R_GATHER", "HAS_SCALE", "UPCAST", "PREC", "DOT_F32", "BM", "BN", "BK")
-        # dW_down (E, H, I) = sum (w g)^T h: g gathered by token and scaled, h sorted
-        args = dict(wgrad, stride_lm=H, stride_lk=1, stride_rm=I, stride_rk=1, stride_oe=d_strides[0],
-                    stride_om=d_strides[1], stride_on=d_strides[2], M=H, N=I, L_GATHER=True, R_GATHER=False,
-                    HAS_SCALE=True)
-        cases.append(AuditCase(name=f"moe_down_wgrad_{tag}", kernel=gm._grouped_wgrad_kernel, args=args,
-                               constexprs={k: args[k] for k in wconst}, num_warps=4, num_stages=3,
-                               shape=f"T={T} H={H} I={I} E={E} K={K} bf16",
-                               min_bytes=S * H * 2 + S * 2 + S * I * 2 + E * H * I * 2))
-        # dW_gate_up (E, 2I, H) = sum dgu^T x: dgu sorted, x gathered
-        args = dict(wgrad, stride_lm=2 * I, stride_lk=1, stride_rm=H, stride_rk=1, stride_oe=gu_strides[0],
-                    stride_om=gu_strides[1], stride_on=gu_strides[2], M=2 * I, N=H, L_GATHER=False, R_GATHER=True,
-                    HAS_SCALE=False)
-        cases.append(AuditCase(name=f"moe_gate_up_wgrad_{tag}", kernel=gm._grouped_wgrad_kernel, args=args,
-                               constexprs={k: args[k] for k in wconst}, num_warps=4, num_stages=3,
-                               shape=f"T={T} H={H} I={I} E={E} K={K} bf16",
-                               min_bytes=S * 2 * I * 2 + S * H * 2 + E * 2 * I * H * 2))
-        gb = dict(gu_ptr=Ptr("fp32"), stride_gum=2 * I, gh_ptr=Ptr("fp32"), stride_ghm=I, scale_ptr=Ptr("bf16"),
-                  h_ptr=Ptr("bf16"), stride_hm=I, dgu_ptr=Ptr("bf16"), stride_dgum=2 * I, dw_ptr=Ptr("fp32"),
-                  S=S, N=I, limit=7.0, alpha=1.702, GATE=1, ACT=3 if gpt_oss else 0, INTERLEAVED=gpt_oss,
-                  HAS_LIMIT=gpt_oss, BM=gm._GATE_BM, BN=gm._GATE_BN)
-        cases.append(AuditCase(name=f"moe_gate_backward_{tag}", kernel=gm._gate_backward_kernel, args=gb,
-                               constexprs={k: gb[k] for k in ("GATE", "ACT", "INTERLEAVED", "HAS_LIMIT", "BM", "BN")},
-                               num_warps=4, num_stages=1, shape=f"S={S} I={I}",
-                               min_bytes=S * (2 * I * 4 + I * 4 + 2 + I * 2 + 2 * I * 2 + 4)))
+    lora_gu = E * r * (H + 2 * I) * 2
+    lora_d = E * r * (I + H) * 2
+    mm(
+        "gate_up_fwd",
+        I,
+        H,
+        gu_strides,
+        gather=True,
+        scatter=False,
+        bias=gpt_oss,
+        scale=False,
+        gate=1,
+        lora=True,
+        x_cols=H,
+        out_dtype="bf16",
+        out_cols=I,
+        min_bytes=S * H * 2 + E * 2 * I * H * 2 + lora_gu + S * I * 2,
+    )
+    mm(
+        "down_fwd",
+        H,
+        I,
+        d_strides,
+        gather=False,
+        scatter=True,
+        bias=gpt_oss,
+        scale=True,
+        gate=0,
+        lora=True,
+        x_cols=I,
+        out_dtype="fp32",
+        out_cols=H,
+        min_bytes=S * I * 2 + E * H * I * 2 + lora_d + S * 2 + S * H * 4,
+    )
+    mm(
+        "gate_up_recompute",
+        2 * I,
+        H,
+        gu_strides,
+        gather=True,
+        scatter=False,
+        bias=gpt_oss,
+        scale=False,
+        gate=0,
+        lora=True,
+        x_cols=H,
+        out_dtype="fp32",
+        out_cols=2 * I,
+        min_bytes=S * H * 2 + E * 2 * I * H * 2 + lora_gu + S * 2 * I * 4,
+    )
+    mm(
+        "down_dgrad",
+        I,
+        H,
+        (d_strides[0], d_strides[2], d_strides[1]),
+        gather=True,
+        scatter=False,
+        bias=False,
+        scale=False,
+        gate=0,
+        lora=True,
+        x_cols=H,
+        out_dtype="fp32",
+        out_cols=I,
+        min_bytes=S * H * 2 + E * H * I * 2 + lora_d + S * I * 4,
+    )
+    mm(
+        "gate_up_dgrad",
+        H,
+        2 * I,
+        (gu_strides[0], gu_strides[2], gu_strides[1]),
+        gather=False,
+        scatter=True,
+        bias=False,
+        scale=False,
+        gate=0,
+        lora=True,
+        x_cols=2 * I,
+        out_dtype="fp32",
+        out_cols=H,
+        min_bytes=S * 2 * I * 2 + E * 2 * I * H * 2 + lora_gu + S * H * 4,
+    )
+    wgrad = {
+        "l_ptr": Ptr("bf16"),
+        "r_ptr": Ptr("bf16"),
+        "token_ptr": Ptr("i32"),
+        "offsets_ptr": Ptr("i32"),
+        "scale_ptr": Ptr("bf16"),
+        "out_ptr": Ptr("bf16"),
+        "scaling": 1.0,
+        "UPCAST": False,
+        "PREC": "tf32",
+        "DOT_F32": False,
+        "BM": gm._BM,
+        "BN": gm._BN,
+        "BK": gm._BK,
+    }
+    wconst = ("L_GATHER", "R_GATHER", "HAS_SCALE", "UPCAST", "PREC", "DOT_F32", "BM", "BN", "BK")
+    # dW_down (E, H, I) = sum (w g)^T h: g gathered by token and scaled, h sorted
+    args = dict(
+        wgrad,
+        stride_lm=H,
+        stride_lk=1,
+        stride_rm=I,
+        stride_rk=1,
+        stride_oe=d_strides[0],
+        stride_om=d_strides[1],
+        stride_on=d_strides[2],
+        M=H,
+        N=I,
+        L_GATHER=True,
+        R_GATHER=False,
+        HAS_SCALE=True,
+    )
+    cases.append(
+        AuditCase(
+            name=f"moe_down_wgrad_{tag}",
+            kernel=gm._grouped_wgrad_kernel,
+            args=args,
+            constexprs={k: args[k] for k in wconst},
+            num_warps=4,
+            num_stages=3,
+            shape=f"T={T} H={H} I={I} E={E} K={K} bf16",
+            min_bytes=S * H * 2 + S * 2 + S * I * 2 + E * H * I * 2,
+        )
+    )
+    # dW_gate_up (E, 2I, H) = sum dgu^T x: dgu sorted, x gathered
+    args = dict(
+        wgrad,
+        stride_lm=2 * I,
+        stride_lk=1,
+        stride_rm=H,
+        stride_rk=1,
+        stride_oe=gu_strides[0],
+        stride_om=gu_strides[1],
+        stride_on=gu_strides[2],
+        M=2 * I,
+        N=H,
+        L_GATHER=False,
+        R_GATHER=True,
+        HAS_SCALE=False,
+    )
+    cases.append(
+        AuditCase(
+            name=f"moe_gate_up_wgrad_{tag}",
+            kernel=gm._grouped_wgrad_kernel,
+            args=args,
+            constexprs={k: args[k] for k in wconst},
+            num_warps=4,
+            num_stages=3,
+            shape=f"T={T} H={H} I={I} E={E} K={K} bf16",
+            min_bytes=S * 2 * I * 2 + S * H * 2 + E * 2 * I * H * 2,
+        )
+    )
+    gb = {
+        "gu_ptr": Ptr("fp32"),
+        "stride_gum": 2 * I,
+        "gh_ptr": Ptr("fp32"),
+        "stride_ghm": I,
+        "scale_ptr": Ptr("bf16"),
+        "h_ptr": Ptr("bf16"),
+        "stride_hm": I,
+        "dgu_ptr": Ptr("bf16"),
+        "stride_dgum": 2 * I,
+        "dw_ptr": Ptr("fp32"),
+        "S": S,
+        "N": I,
+        "limit": 7.0,
+        "alpha": 1.702,
+        "GATE": 1,
+        "ACT": 3 if gpt_oss else 0,
+        "INTERLEAVED": gpt_oss,
+        "HAS_LIMIT": gpt_oss,
+        "BM": gm._GATE_BM,
+        "BN": gm._GATE_BN,
+    }
+    cases.append(
+        AuditCase(
+            name=f"moe_gate_backward_{tag}",
+            kernel=gm._gate_backward_kernel,
+            args=gb,
+            constexprs={k: gb[k] for k in ("GATE", "ACT", "INTERLEAVED", "HAS_LIMIT", "BM", "BN")},
+            num_warps=4,
+            num_stages=1,
+            shape=f"S={S} I={I}",
+            min_bytes=S * (2 * I * 4 + I * 4 + 2 + I * 2 + 2 * I * 2 + 4),
+        )
+    )
+    return cases
+
+
+def audit_cases() -> list[AuditCase]:
+    """The grouped kernels at Qwen3-30B-A3B's expert shape (H 2048, I 768, E 128, top-8) and gpt-oss-20b's
+    (H 2880, I 2880, E 32, top-4, biases, interleaved clamped SwiGLU, transposed stacks), 8192 tokens, bf16,
+    LoRA rank 16 on every GEMM. ``min_bytes``: each launch's own reads and writes (weights once, rows once)."""
+    cases = [
+        *_audit_shape("qwen3_30b_a3b", 2048, 768, 128, 8, gpt_oss=False),
+        *_audit_shape("gpt_oss_20b", 2880, 2880, 32, 4, gpt_oss=True),
+    ]
     # gpt-oss differs from Qwen3 only in flags (bias, interleaved clamped gate) for the forward launches and
     # the gate backward; its transposed strides in the others change no code path. Audit those three.
     keep = ("gate_up_fwd", "down_fwd", "gate_backward")

@@ -27,8 +27,26 @@ from tests.helpers import BACKENDS, assert_no_worse_than_torch, backend
 FP32_TOL = 2e-5
 
 
-def make_case(seed, *, T=9, H=24, I=20, E=5, K=2, dtype=torch.float32, gated=True, transposed=False, bias=False,
-              lora=(), rank=3, route="random", frozen=False, hidden_stride=1, scale=1.0):
+def make_case(
+    seed,
+    *,
+    T=9,
+    H=24,
+    I=20,
+    E=5,
+    K=2,
+    dtype=torch.float32,
+    gated=True,
+    transposed=False,
+    bias=False,
+    lora=(),
+    rank=3,
+    route="random",
+    frozen=False,
+    hidden_stride=1,
+    scale=1.0,
+    peft_views=False,
+):
     """Tensors of one call; ``lora`` names the adapted projections ("gate_up", "down")."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -48,7 +66,7 @@ def make_case(seed, *, T=9, H=24, I=20, E=5, K=2, dtype=torch.float32, gated=Tru
     down = rand(E, H, I, s=1 / I**0.5)
     if transposed:
         gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
-    tensors = dict(hidden=hidden, top_k_weights=weights, gate_up=gate_up, down=down)
+    tensors = {"hidden": hidden, "top_k_weights": weights, "gate_up": gate_up, "down": down}
     if bias:
         tensors.update(gate_up_bias=rand(E, n_gu, s=0.5), down_bias=rand(E, H, s=0.5))
     factors = {}
@@ -59,14 +77,29 @@ def make_case(seed, *, T=9, H=24, I=20, E=5, K=2, dtype=torch.float32, gated=Tru
     for name, t in (*tensors.items(), *factors.items()):
         if not (frozen and name in ("gate_up", "down", "gate_up_bias", "down_bias")):
             t.requires_grad_(True)
+    if peft_views:  # the factors as PEFT stores them, read through peft_factors' strided views
+        for proj in lora:
+            A, B = factors[f"{proj}_A"], factors[f"{proj}_B"]
+            lora_A = A.detach().reshape(E * rank, -1).requires_grad_(True)
+            lora_B = B.detach().permute(1, 2, 0).reshape(B.shape[1], rank * E).requires_grad_(True)
+            factors[f"{proj}_A"], factors[f"{proj}_B"] = peft_factors(lora_A, lora_B, E)
     return tensors, factors, idx
 
 
 def call(fn, tensors, factors, idx, **kw):
     lora = MoELoRA(**factors, gate_up_scaling=0.5, down_scaling=2.0) if factors else None
     t = dict(tensors)
-    return fn(t.pop("hidden"), idx, t.pop("top_k_weights"), t.pop("gate_up"), t.pop("down"),
-              t.pop("gate_up_bias", None), t.pop("down_bias", None), lora=lora, **kw)
+    return fn(
+        t.pop("hidden"),
+        idx,
+        t.pop("top_k_weights"),
+        t.pop("gate_up"),
+        t.pop("down"),
+        t.pop("gate_up_bias", None),
+        t.pop("down_bias", None),
+        lora=lora,
+        **kw,
+    )
 
 
 def grads_of(fn, tensors, factors, idx, grad_out=None, **kw):
@@ -97,18 +130,28 @@ def check_fp32(tensors, factors, idx, **kw):
 
 
 CASES = {
-    "qwen3_silu": dict(),
-    "gpt_oss": dict(gen=dict(transposed=True, bias=True), kw=dict(act="gpt_oss", interleaved=True, transposed=True,
-                                                                   limit=0.9, alpha=1.702)),
-    "lora_both_frozen_base": dict(gen=dict(lora=("gate_up", "down"), frozen=True)),
-    "lora_gate_up_gelu_tanh_strided": dict(gen=dict(lora=("gate_up",), hidden_stride=2), kw=dict(act="gelu_tanh")),
-    "ungated_relu2_lora_down": dict(gen=dict(gated=False, lora=("down",)), kw=dict(act="relu2", gated=False)),
-    "gelu_limit_transposed_lora": dict(gen=dict(transposed=True, lora=("gate_up", "down"), scale=3.0),
-                                       kw=dict(act="gelu", transposed=True, limit=1.0)),
-    "top1_one_token": dict(gen=dict(T=1, K=1, E=3)),
-    "no_tokens": dict(gen=dict(T=0, lora=("gate_up",))),
-    "topk_all_experts": dict(gen=dict(T=5, K=4, E=4, bias=True)),
-    "all_to_one_expert_many_tiles": dict(gen=dict(T=150, K=2, E=8, H=16, I=16, route="one", lora=("down",))),
+    "qwen3_silu": {},
+    "gpt_oss": {
+        "gen": {"transposed": True, "bias": True},
+        "kw": {"act": "gpt_oss", "interleaved": True, "transposed": True, "limit": 0.9, "alpha": 1.702},
+    },
+    "lora_both_frozen_base": {"gen": {"lora": ("gate_up", "down"), "frozen": True}},
+    "lora_gate_up_gelu_tanh_strided": {"gen": {"lora": ("gate_up",), "hidden_stride": 2}, "kw": {"act": "gelu_tanh"}},
+    "ungated_relu2_lora_down": {"gen": {"gated": False, "lora": ("down",)}, "kw": {"act": "relu2", "gated": False}},
+    "gelu_limit_transposed_lora": {
+        "gen": {"transposed": True, "lora": ("gate_up", "down"), "scale": 3.0},
+        "kw": {"act": "gelu", "transposed": True, "limit": 1.0},
+    },
+    "peft_strided_factors_gpt_oss": {
+        "gen": {"transposed": True, "bias": True, "lora": ("gate_up", "down"), "peft_views": True},
+        "kw": {"act": "gpt_oss", "interleaved": True, "transposed": True, "limit": 0.9},
+    },
+    "top1_one_token": {"gen": {"T": 1, "K": 1, "E": 3}},
+    "no_tokens": {"gen": {"T": 0, "lora": ("gate_up",)}},
+    "topk_all_experts": {"gen": {"T": 5, "K": 4, "E": 4, "bias": True}},
+    "all_to_one_expert_many_tiles": {
+        "gen": {"T": 150, "K": 2, "E": 8, "H": 16, "I": 16, "route": "one", "lora": ("down",)}
+    },
 }
 
 
@@ -123,7 +166,10 @@ def test_fp32_matches_float64(case, backend_name):
 
 @settings(max_examples=6)
 @given(
-    T=st.integers(1, 40), H=st.sampled_from([8, 16, 33]), I=st.sampled_from([8, 17, 24]), E=st.integers(1, 6),
+    T=st.integers(1, 40),
+    H=st.sampled_from([8, 16, 33]),
+    I=st.sampled_from([8, 17, 24]),
+    E=st.integers(1, 6),
     data=st.data(),
 )
 def test_triton_hypothesis_shapes(T, H, I, E, data):
@@ -132,11 +178,20 @@ def test_triton_hypothesis_shapes(T, H, I, E, data):
     act = data.draw(st.sampled_from(["silu", "gelu_tanh", "gpt_oss"] if gated else ["silu", "relu"]))
     lora = data.draw(st.sampled_from([(), ("gate_up",), ("down",), ("gate_up", "down")]))
     transposed = data.draw(st.booleans())
-    tensors, factors, idx = make_case(T * 31 + E, T=T, H=H, I=I, E=E, K=K, gated=gated, lora=lora,
-                                      transposed=transposed, bias=act == "gpt_oss")
+    tensors, factors, idx = make_case(
+        T * 31 + E, T=T, H=H, I=I, E=E, K=K, gated=gated, lora=lora, transposed=transposed, bias=act == "gpt_oss"
+    )
     with backend("triton"):
-        check_fp32(tensors, factors, idx, act=act, gated=gated, transposed=transposed,
-                   interleaved=act == "gpt_oss", limit=1.5 if act == "gpt_oss" else None)
+        check_fp32(
+            tensors,
+            factors,
+            idx,
+            act=act,
+            gated=gated,
+            transposed=transposed,
+            interleaved=act == "gpt_oss",
+            limit=1.5 if act == "gpt_oss" else None,
+        )
 
 
 @pytest.mark.parametrize("case", ["qwen3_silu", "gpt_oss", "lora_both_frozen_base"])
@@ -156,8 +211,7 @@ def test_bf16_no_worse_than_torch(case):
 # ------------------------------------------------------------------------------------------ semantics
 
 
-def _per_pair_formula(hidden, idx, weights, gate_up, down, b_gu, b_d, lora, act, transposed, interleaved, limit,
-                      alpha):
+def _per_pair_formula(hidden, idx, weights, gate_up, down, b_gu, b_d, lora, act, transposed, interleaved, limit, alpha):
     """Every (token, slot) pair with its own gathered weights: no loop, no index_add (independent of the ref)."""
     T, K = idx.shape
     e = idx.reshape(-1)
@@ -177,19 +231,45 @@ def _per_pair_formula(hidden, idx, weights, gate_up, down, b_gu, b_d, lora, act,
 
 
 @settings(max_examples=15)
-@given(seed=st.integers(0, 2**16), T=st.integers(0, 12), E=st.integers(1, 5), gpt_oss=st.booleans(),
-       with_lora=st.booleans())
+@given(
+    seed=st.integers(0, 2**16),
+    T=st.integers(0, 12),
+    E=st.integers(1, 5),
+    gpt_oss=st.booleans(),
+    with_lora=st.booleans(),
+)
 def test_reference_is_the_formula(seed, T, E, gpt_oss, with_lora):
     K = min(2, E)
-    tensors, factors, idx = make_case(seed, T=T, E=E, K=K, dtype=torch.float64, transposed=gpt_oss, bias=gpt_oss,
-                                      lora=("gate_up", "down") if with_lora else (), scale=3.0)
-    kw = dict(act="gpt_oss", interleaved=True, transposed=True, limit=1.0, alpha=1.702) if gpt_oss else {}
+    tensors, factors, idx = make_case(
+        seed,
+        T=T,
+        E=E,
+        K=K,
+        dtype=torch.float64,
+        transposed=gpt_oss,
+        bias=gpt_oss,
+        lora=("gate_up", "down") if with_lora else (),
+        scale=3.0,
+    )
+    kw = {"act": "gpt_oss", "interleaved": True, "transposed": True, "limit": 1.0, "alpha": 1.702} if gpt_oss else {}
     lora = MoELoRA(**factors, gate_up_scaling=0.5, down_scaling=2.0) if factors else None
     t = tensors
     ref = call(moe_experts_reference, tensors, factors, idx, **kw)
-    exact = _per_pair_formula(t["hidden"], idx, t["top_k_weights"], t["gate_up"], t["down"], t.get("gate_up_bias"),
-                              t.get("down_bias"), lora, kw.get("act", "silu"), gpt_oss, gpt_oss, kw.get("limit"),
-                              1.702)
+    exact = _per_pair_formula(
+        t["hidden"],
+        idx,
+        t["top_k_weights"],
+        t["gate_up"],
+        t["down"],
+        t.get("gate_up_bias"),
+        t.get("down_bias"),
+        lora,
+        kw.get("act", "silu"),
+        gpt_oss,
+        gpt_oss,
+        kw.get("limit"),
+        1.702,
+    )
     torch.testing.assert_close(ref, exact, rtol=1e-12, atol=1e-12)
 
 
@@ -199,18 +279,26 @@ def _tiny_experts(model_type):
     if model_type == "qwen3_moe":
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as cls
 
-        cfg = AutoConfig.for_model("qwen3_moe", hidden_size=16, moe_intermediate_size=12, num_experts=5,
-                                   num_experts_per_tok=2)
+        cfg = AutoConfig.for_model(
+            "qwen3_moe", hidden_size=16, moe_intermediate_size=12, num_experts=5, num_experts_per_tok=2
+        )
     elif model_type == "gpt_oss":
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as cls
 
-        cfg = AutoConfig.for_model("gpt_oss", hidden_size=16, intermediate_size=12, num_local_experts=5,
-                                   num_experts_per_tok=2)
+        cfg = AutoConfig.for_model(
+            "gpt_oss", hidden_size=16, intermediate_size=12, num_local_experts=5, num_experts_per_tok=2
+        )
     else:
         from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts as cls
 
-        cfg = AutoConfig.for_model("nemotron_h", hidden_size=16, moe_intermediate_size=12, n_routed_experts=5,
-                                   num_experts_per_tok=2, mlp_hidden_act="relu2")
+        cfg = AutoConfig.for_model(
+            "nemotron_h",
+            hidden_size=16,
+            moe_intermediate_size=12,
+            n_routed_experts=5,
+            num_experts_per_tok=2,
+            mlp_hidden_act="relu2",
+        )
     cfg._experts_implementation = "eager"
     torch.manual_seed(0)
     experts = cls(cfg).double()
@@ -220,9 +308,15 @@ def _tiny_experts(model_type):
 
 
 KWARGS_OF = {
-    "qwen3_moe": lambda m: dict(act="silu"),
-    "gpt_oss": lambda m: dict(act="gpt_oss", transposed=True, interleaved=True, alpha=m.alpha, limit=m.limit),
-    "nemotron_h": lambda m: dict(act="relu2", gated=False),
+    "qwen3_moe": lambda m: {"act": "silu"},
+    "gpt_oss": lambda m: {
+        "act": "gpt_oss",
+        "transposed": True,
+        "interleaved": True,
+        "alpha": m.alpha,
+        "limit": m.limit,
+    },
+    "nemotron_h": lambda m: {"act": "relu2", "gated": False},
 }
 
 
@@ -238,8 +332,12 @@ def test_reference_equals_transformers_experts(model_type):
     ours = moe_experts_reference(x, idx, w, gate_up, m.down_proj, *biases, **KWARGS_OF[model_type](m))
     torch.testing.assert_close(ours, m(x, idx, w), rtol=1e-12, atol=1e-12)
     with backend("torch"):
-        torch.testing.assert_close(moe_experts(x, idx, w, gate_up, m.down_proj, *biases, **KWARGS_OF[model_type](m)),
-                                   m(x, idx, w), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            moe_experts(x, idx, w, gate_up, m.down_proj, *biases, **KWARGS_OF[model_type](m)),
+            m(x, idx, w),
+            rtol=1e-12,
+            atol=1e-12,
+        )
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
@@ -256,9 +354,16 @@ def test_peft_target_parameters_through_peft_factors(model_type):
             return self.experts(x, idx, w)
 
     m = _tiny_experts(model_type)
-    model = get_peft_model(Holder(m), LoraConfig(r=2, lora_alpha=6, target_modules=[],
-                                                 target_parameters=["experts.gate_up_proj", "experts.down_proj"],
-                                                 init_lora_weights=False))
+    model = get_peft_model(
+        Holder(m),
+        LoraConfig(
+            r=2,
+            lora_alpha=6,
+            target_modules=[],
+            target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+            init_lora_weights=False,
+        ),
+    )
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(7, 16, generator=gen, dtype=torch.float64)
     idx = torch.stack([torch.randperm(5, generator=gen)[:2] for _ in range(7)])
@@ -287,6 +392,21 @@ def test_peft_target_parameters_through_peft_factors(model_type):
 # ------------------------------------------------------------------------------------------ memory, errors
 
 
+def test_autocast_runs_the_low_precision_call():
+    """Under torch.autocast (bf16) on fp32 tensors: the call equals an explicit bf16 call; fp32 gradients."""
+    tensors, factors, idx = make_case(6, lora=("gate_up",))
+    low = {k: v.detach().bfloat16().requires_grad_(v.requires_grad) for k, v in tensors.items()}
+    low["top_k_weights"] = tensors["top_k_weights"].detach().requires_grad_(True)  # not autocast
+    low_f = {k: v.detach().bfloat16().requires_grad_(True) for k, v in factors.items()}
+    with backend("torch"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, g, go = grads_of(moe_experts, tensors, factors, idx)
+        y_low, g_low, _ = grads_of(moe_experts, low, low_f, idx, grad_out=go)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_low)
+    for k, v in g.items():
+        assert v.dtype == torch.float32 and torch.equal(v, g_low[k].float()), k
+
+
 def test_saves_only_inputs_and_routing():
     tensors, factors, idx = make_case(5, T=16, lora=("gate_up", "down"), frozen=True)
     with backend("triton"), SavedTensorMeter() as meter:
@@ -300,27 +420,35 @@ def test_saves_only_inputs_and_routing():
 
 
 def _malformed():
-    t, f, idx = make_case(0)
+    t, _f, idx = make_case(0)
     E = 5
-    yield "index out of range", dict(idx=idx.clone().fill_(E)), "outside"
-    yield "negative index", dict(idx=-idx - 1), "outside"
-    yield "weights shape", dict(top_k_weights=t["top_k_weights"][:, :1]), "top_k_weights must have"
-    yield "float index", dict(idx=idx.float()), "integer"
-    yield "3-D hidden", dict(hidden=t["hidden"][None]), "2-D"
-    yield "dtype mismatch", dict(hidden=t["hidden"].double()), "dtype"
-    yield "hidden size", dict(hidden=t["hidden"][:, :7]), "hidden size"
-    yield "expert count", dict(down=t["down"][:3]), "experts"
-    yield "lora half", dict(lora=MoELoRA(gate_up_A=torch.zeros(E, 2, 24))), "together"
-    yield "lora shape", dict(lora=MoELoRA(torch.zeros(E, 2, 24), torch.zeros(E, 40, 3))), "lora.gate_up"
-    yield "act", dict(act="swish"), "act="
-    yield "bias shape", dict(gate_up_bias=torch.zeros(E, 7)), "gate_up_bias"
+    yield "index out of range", {"idx": idx.clone().fill_(E)}, "outside"
+    yield "negative index", {"idx": -idx - 1}, "outside"
+    yield "weights shape", {"top_k_weights": t["top_k_weights"][:, :1]}, "top_k_weights must have"
+    yield "float index", {"idx": idx.float()}, "integer"
+    yield "3-D hidden", {"hidden": t["hidden"][None]}, "2-D"
+    yield "dtype mismatch", {"hidden": t["hidden"].double()}, "dtype"
+    yield "hidden size", {"hidden": t["hidden"][:, :7]}, "hidden size"
+    yield "expert count", {"down": t["down"][:3]}, "experts"
+    yield "lora half", {"lora": MoELoRA(gate_up_A=torch.zeros(E, 2, 24))}, "together"
+    yield "lora shape", {"lora": MoELoRA(torch.zeros(E, 2, 24), torch.zeros(E, 40, 3))}, "lora.gate_up"
+    yield "act", {"act": "swish"}, "act="
+    yield "bias shape", {"gate_up_bias": torch.zeros(E, 7)}, "gate_up_bias"
 
 
 @pytest.mark.parametrize("name,change,message", list(_malformed()), ids=[m[0] for m in _malformed()])
 def test_malformed_inputs_raise_before_any_kernel(name, change, message, monkeypatch):
     t, _, idx = make_case(0)
-    args = dict(hidden=t["hidden"], idx=idx, top_k_weights=t["top_k_weights"], gate_up=t["gate_up"],
-                down=t["down"], gate_up_bias=None, lora=None, act="silu")
+    args = {
+        "hidden": t["hidden"],
+        "idx": idx,
+        "top_k_weights": t["top_k_weights"],
+        "gate_up": t["gate_up"],
+        "down": t["down"],
+        "gate_up_bias": None,
+        "lora": None,
+        "act": "silu",
+    }
     args.update(change)
 
     def no_kernel(*a, **k):
@@ -328,5 +456,13 @@ def test_malformed_inputs_raise_before_any_kernel(name, change, message, monkeyp
 
     monkeypatch.setattr(gm, "ops", no_kernel)
     with pytest.raises(ValueError, match=message):
-        moe_experts(args["hidden"], args["idx"], args["top_k_weights"], args["gate_up"], args["down"],
-                    args["gate_up_bias"], lora=args["lora"], act=args["act"])
+        moe_experts(
+            args["hidden"],
+            args["idx"],
+            args["top_k_weights"],
+            args["gate_up"],
+            args["down"],
+            args["gate_up_bias"],
+            lora=args["lora"],
+            act=args["act"],
+        )
