@@ -28,6 +28,7 @@ import triton.language as tl
 
 from fastft.kernels._dispatch import triton_interpreted
 from fastft.kernels._math import normal_cdf_pdf, sigmoid_pair
+from fastft.kernels._spec import AuditCase, Ptr
 
 
 class GateSpec(NamedTuple):
@@ -777,3 +778,291 @@ _TRITON_OPS = SimpleNamespace(
     gate_backward=_gate_backward_triton,
     segment_sum=_segment_sum_torch,  # (E, N) bias gradients: one index_add, no host sync
 )
+
+
+# ------------------------------------------------------------------------------------------ audit
+
+
+def _audit_shape(tag: str, H: int, I: int, E: int, K: int, *, gpt_oss: bool) -> list[AuditCase]:
+    cases = []
+    T, r = 8192, 16
+    S = T * K
+    S // _BM + E
+    common = {
+        "token_ptr": Ptr("i32"),
+        "order_ptr": Ptr("i32"),
+        "tile_expert_ptr": Ptr("i32"),
+        "tile_start_ptr": Ptr("i32"),
+        "tile_end_ptr": Ptr("i32"),
+        "R": r,
+        "scaling": 2.0,
+        "limit": 7.0,
+        "alpha": 1.702,
+        "BM": _BM,
+        "BN": _BN,
+        "BK": _BK,
+        "BR": _rank_block(r),
+        "PREC": "tf32",
+        "DOT_F32": False,
+    }
+    # logical (E, N, K) weight strides: HF layout (E, out, in) -> (out*in, in, 1); gpt-oss (E, in, out)
+    gu_strides = (2 * I * H, 1, 2 * I) if gpt_oss else (2 * I * H, H, 1)
+    d_strides = (H * I, 1, H) if gpt_oss else (H * I, I, 1)
+
+    def mm(name, N, Kd, w_strides, *, gather, scatter, bias, scale, gate, lora, x_cols, out_dtype, out_cols, min_bytes):
+        flags = {
+            "GATHER": gather,
+            "SCATTER": scatter,
+            "HAS_BIAS": bias,
+            "HAS_LORA": lora,
+            "HAS_SCALE": scale,
+            "GATE": gate,
+            "ACT": 3 if gpt_oss else 0,
+            "INTERLEAVED": gpt_oss,
+            "HAS_LIMIT": gpt_oss,
+        }
+        args = dict(
+            common,
+            **flags,
+            x_ptr=Ptr("bf16"),
+            stride_xm=x_cols,
+            stride_xk=1,
+            w_ptr=Ptr("bf16"),
+            stride_we=w_strides[0],
+            stride_wn=w_strides[1],
+            stride_wk=w_strides[2],
+            bias_ptr=Ptr("bf16"),
+            stride_be=N * (2 if gate == 1 else 1),
+            stride_bn=1,
+            a_ptr=Ptr("bf16"),
+            stride_ae=r * Kd,
+            stride_ar=Kd,
+            stride_ak=1,
+            b_ptr=Ptr("bf16"),
+            stride_bbe=N * r,
+            stride_bbn=r,
+            stride_bbr=1,
+            scale_ptr=Ptr("bf16"),
+            out_ptr=Ptr(out_dtype),
+            stride_om=out_cols,
+            stride_on=1,
+            N=N,
+            K=Kd,
+        )
+        constexprs = {k: args[k] for k in (*flags, "PREC", "DOT_F32", "BM", "BN", "BK", "BR")}
+        cases.append(
+            AuditCase(
+                name=f"moe_{name}_{tag}",
+                kernel=_grouped_mm_kernel,
+                args=args,
+                constexprs=constexprs,
+                num_warps=4,
+                num_stages=3,
+                shape=f"T={T} H={H} I={I} E={E} K={K} bf16",
+                min_bytes=min_bytes,
+            )
+        )
+
+    lora_gu = E * r * (H + 2 * I) * 2
+    lora_d = E * r * (I + H) * 2
+    mm(
+        "gate_up_fwd",
+        I,
+        H,
+        gu_strides,
+        gather=True,
+        scatter=False,
+        bias=gpt_oss,
+        scale=False,
+        gate=1,
+        lora=True,
+        x_cols=H,
+        out_dtype="bf16",
+        out_cols=I,
+        min_bytes=S * H * 2 + E * 2 * I * H * 2 + lora_gu + S * I * 2,
+    )
+    mm(
+        "down_fwd",
+        H,
+        I,
+        d_strides,
+        gather=False,
+        scatter=True,
+        bias=gpt_oss,
+        scale=True,
+        gate=0,
+        lora=True,
+        x_cols=I,
+        out_dtype="fp32",
+        out_cols=H,
+        min_bytes=S * I * 2 + E * H * I * 2 + lora_d + S * 2 + S * H * 4,
+    )
+    mm(
+        "gate_up_recompute",
+        2 * I,
+        H,
+        gu_strides,
+        gather=True,
+        scatter=False,
+        bias=gpt_oss,
+        scale=False,
+        gate=0,
+        lora=True,
+        x_cols=H,
+        out_dtype="fp32",
+        out_cols=2 * I,
+        min_bytes=S * H * 2 + E * 2 * I * H * 2 + lora_gu + S * 2 * I * 4,
+    )
+    mm(
+        "down_dgrad",
+        I,
+        H,
+        (d_strides[0], d_strides[2], d_strides[1]),
+        gather=True,
+        scatter=False,
+        bias=False,
+        scale=False,
+        gate=0,
+        lora=True,
+        x_cols=H,
+        out_dtype="fp32",
+        out_cols=I,
+        min_bytes=S * H * 2 + E * H * I * 2 + lora_d + S * I * 4,
+    )
+    mm(
+        "gate_up_dgrad",
+        H,
+        2 * I,
+        (gu_strides[0], gu_strides[2], gu_strides[1]),
+        gather=False,
+        scatter=True,
+        bias=False,
+        scale=False,
+        gate=0,
+        lora=True,
+        x_cols=2 * I,
+        out_dtype="fp32",
+        out_cols=H,
+        min_bytes=S * 2 * I * 2 + E * 2 * I * H * 2 + lora_gu + S * H * 4,
+    )
+    wgrad = {
+        "l_ptr": Ptr("bf16"),
+        "r_ptr": Ptr("bf16"),
+        "token_ptr": Ptr("i32"),
+        "offsets_ptr": Ptr("i32"),
+        "scale_ptr": Ptr("bf16"),
+        "out_ptr": Ptr("bf16"),
+        "scaling": 1.0,
+        "UPCAST": False,
+        "PREC": "tf32",
+        "DOT_F32": False,
+        "BM": _BM,
+        "BN": _BN,
+        "BK": _BK,
+    }
+    wconst = ("L_GATHER", "R_GATHER", "HAS_SCALE", "UPCAST", "PREC", "DOT_F32", "BM", "BN", "BK")
+    # dW_down (E, H, I) = sum (w g)^T h: g gathered by token and scaled, h sorted
+    args = dict(
+        wgrad,
+        stride_lm=H,
+        stride_lk=1,
+        stride_rm=I,
+        stride_rk=1,
+        stride_oe=d_strides[0],
+        stride_om=d_strides[1],
+        stride_on=d_strides[2],
+        M=H,
+        N=I,
+        L_GATHER=True,
+        R_GATHER=False,
+        HAS_SCALE=True,
+    )
+    cases.append(
+        AuditCase(
+            name=f"moe_down_wgrad_{tag}",
+            kernel=_grouped_wgrad_kernel,
+            args=args,
+            constexprs={k: args[k] for k in wconst},
+            num_warps=4,
+            num_stages=3,
+            shape=f"T={T} H={H} I={I} E={E} K={K} bf16",
+            min_bytes=S * H * 2 + S * 2 + S * I * 2 + E * H * I * 2,
+        )
+    )
+    # dW_gate_up (E, 2I, H) = sum dgu^T x: dgu sorted, x gathered
+    args = dict(
+        wgrad,
+        stride_lm=2 * I,
+        stride_lk=1,
+        stride_rm=H,
+        stride_rk=1,
+        stride_oe=gu_strides[0],
+        stride_om=gu_strides[1],
+        stride_on=gu_strides[2],
+        M=2 * I,
+        N=H,
+        L_GATHER=False,
+        R_GATHER=True,
+        HAS_SCALE=False,
+    )
+    cases.append(
+        AuditCase(
+            name=f"moe_gate_up_wgrad_{tag}",
+            kernel=_grouped_wgrad_kernel,
+            args=args,
+            constexprs={k: args[k] for k in wconst},
+            num_warps=4,
+            num_stages=3,
+            shape=f"T={T} H={H} I={I} E={E} K={K} bf16",
+            min_bytes=S * 2 * I * 2 + S * H * 2 + E * 2 * I * H * 2,
+        )
+    )
+    gb = {
+        "gu_ptr": Ptr("fp32"),
+        "stride_gum": 2 * I,
+        "gh_ptr": Ptr("fp32"),
+        "stride_ghm": I,
+        "scale_ptr": Ptr("bf16"),
+        "h_ptr": Ptr("bf16"),
+        "stride_hm": I,
+        "dgu_ptr": Ptr("bf16"),
+        "stride_dgum": 2 * I,
+        "dw_ptr": Ptr("fp32"),
+        "S": S,
+        "N": I,
+        "limit": 7.0,
+        "alpha": 1.702,
+        "GATE": 1,
+        "ACT": 3 if gpt_oss else 0,
+        "INTERLEAVED": gpt_oss,
+        "HAS_LIMIT": gpt_oss,
+        "BM": _GATE_BM,
+        "BN": _GATE_BN,
+    }
+    cases.append(
+        AuditCase(
+            name=f"moe_gate_backward_{tag}",
+            kernel=_gate_backward_kernel,
+            args=gb,
+            constexprs={k: gb[k] for k in ("GATE", "ACT", "INTERLEAVED", "HAS_LIMIT", "BM", "BN")},
+            num_warps=4,
+            num_stages=1,
+            shape=f"S={S} I={I}",
+            min_bytes=S * (2 * I * 4 + I * 4 + 2 + I * 2 + 2 * I * 2 + 4),
+        )
+    )
+    return cases
+
+
+def audit_cases() -> list[AuditCase]:
+    """The grouped kernels at Qwen3-30B-A3B's expert shape (H 2048, I 768, E 128, top-8) and gpt-oss-20b's
+    (H 2880, I 2880, E 32, top-4, biases, interleaved clamped SwiGLU, transposed stacks), 8192 tokens, bf16,
+    LoRA rank 16 on every GEMM. ``min_bytes``: each launch's own reads and writes (weights once, rows once)."""
+    cases = [
+        *_audit_shape("qwen3_30b_a3b", 2048, 768, 128, 8, gpt_oss=False),
+        *_audit_shape("gpt_oss_20b", 2880, 2880, 32, 4, gpt_oss=True),
+    ]
+    # gpt-oss differs from Qwen3 only in flags (bias, interleaved clamped gate) for the forward launches and
+    # the gate backward; its transposed strides in the others change no code path. Audit those three.
+    keep = ("gate_up_fwd", "down_fwd", "gate_backward")
+    return [c for c in cases if "qwen3" in c.name or any(f"moe_{k}_" in c.name for k in keep)]
