@@ -159,11 +159,12 @@ def _grouped_mm_torch(
         if a == b:
             continue
         xe = rows[a:b].to(cd)
-        acc = xe @ weight[e].to(cd).T
+        # As the kernel: the weight (and LoRA A) rounded to x's dtype, products accumulated in cd.
+        acc = xe @ weight[e].to(x.dtype).to(cd).T
         if bias is not None:
             acc = acc + bias[e].to(cd)
         if lora is not None:
-            acc = acc + lora.scaling * ((xe @ lora.A[e].to(cd).T) @ lora.B[e].to(cd).T)
+            acc = acc + lora.scaling * ((xe @ lora.A[e].to(x.dtype).to(cd).T) @ lora.B[e].to(cd).T)
         if gate is not None:
             acc = _gate_torch(acc, gate)
         if row_scale is not None:
@@ -190,7 +191,7 @@ def _grouped_wgrad_torch(
             continue
         le = L[a:b].to(cd)
         if left_scale is not None:
-            le = le * left_scale[a:b, None].to(cd)
+            le = (le * left_scale[a:b, None].to(cd)).to(left.dtype).to(cd)  # rounded as the kernel
         out[e].copy_(scaling * (le.T @ R[a:b].to(cd)))
     return out
 

@@ -208,6 +208,24 @@ def test_bf16_no_worse_than_torch(case):
         assert_no_worse_than_torch(g[k], gt[k], g64[k], name=k)
 
 
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_fp32_router_weights_and_adapters_over_bf16_base(backend_name):
+    """Mixtral-style fp32 router weights and PEFT's fp32 adapters over a bf16 expert stack: gradients keep each
+    tensor's dtype, and everything is as accurate as the reference formula run in bf16 (factors cast to bf16,
+    as PEFT's ParamWrapper does)."""
+    tensors, factors, idx = make_case(8, dtype=torch.bfloat16, T=12, lora=("gate_up", "down"))
+    tensors["top_k_weights"] = tensors["top_k_weights"].detach().float().requires_grad_(True)
+    factors = {k: v.detach().float().requires_grad_(True) for k, v in factors.items()}
+    with backend(backend_name):
+        y, g, go = grads_of(moe_experts, tensors, factors, idx)
+    yt, gt, _ = grads_of(moe_experts_reference, tensors, factors, idx, grad_out=go)
+    y64, g64, _ = grads_of(moe_experts_reference, as64(tensors), as64(factors), idx, grad_out=go)
+    assert_no_worse_than_torch(y, yt, y64, name="y")
+    for k in g64:
+        assert g[k].dtype == (tensors | factors)[k].dtype, k
+        assert_no_worse_than_torch(g[k], gt[k].to(g[k].dtype), g64[k], name=k)
+
+
 # ------------------------------------------------------------------------------------------ semantics
 
 
