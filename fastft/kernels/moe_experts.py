@@ -34,9 +34,12 @@ adapter (``disable_adapter()``) is simply ``lora=None``. For the interleaved lay
 the parameter's own (interleaved) order, as PEFT's.
 
 Dtypes: hidden, gate_up, down and the biases share one dtype (bf16/fp16/fp32, float64 on the torch path);
-top_k_weights and the LoRA factors may be any float dtype. GEMMs accumulate in fp32; gu and the gate are
-computed in fp32 and h is rounded once to the hidden dtype (transformers rounds gu, too); the per-pair outputs
-``w_p y_p`` are summed over k in fp32 and rounded once, as transformers' ``grouped_mm`` path.
+top_k_weights and the LoRA factors may be any float dtype (gradients come back in each tensor's dtype). GEMMs
+accumulate in fp32; gu and the gate are computed in fp32 and h is rounded once to the hidden dtype (transformers
+rounds gu to it first: one rounding more); the per-pair outputs ``w_p y_p`` are summed over k in fp32 and rounded
+once, as transformers' ``grouped_mm`` path. A LoRA A enters its GEMM rounded to the hidden dtype (PEFT's
+ParamWrapper casts both factors to the parameter's dtype); the (rows, r) product meets B in fp32. Under
+``torch.autocast`` the GEMM operands are cast to the autocast dtype first, as ``F.linear`` would be.
 
 How (the Triton path, :mod:`fastft.kernels.grouped_matmul`): the T K pairs are sorted by expert on device
 (stable argsort, bincount, cumsum; no host sync), so each expert's rows are contiguous; a fixed-size grid of
