@@ -358,3 +358,22 @@ def test_qlora_keeps_experts_unquantised_and_equals_plain(model_type, tmp_path):
     fastft.patch(fast)
     assert fast.fastft_report.experts > 0, fast.fastft_report.summary()
     _compare(plain, fast, _inputs(plain))
+
+
+@pytest.mark.parametrize(("model_type", "coef"), [("qwen3_moe", None), ("qwen3_moe", 0.05), ("gpt_oss", 0.05)])
+def test_router_aux_loss_is_unchanged(model_type, coef):
+    """With ``output_router_logits`` the load-balancing loss (from transformers' own router logits) enters the loss
+    and the router's gradient exactly as in plain transformers; Qwen3-MoE's default coefficient (0.001, a change
+    of the loss below the head probe's tolerance) included."""
+    plain = _plain(model_type)
+    plain.config.output_router_logits = True
+    if coef is not None:
+        plain.config.router_aux_loss_coef = plain.router_aux_loss_coef = coef
+    fast = copy.deepcopy(plain)
+    fastft.patch(fast)
+    assert fast.fastft_report.experts > 0
+    inputs = _inputs(plain)
+    plain.train(), fast.train()
+    aux_p, aux_f = plain(**inputs).aux_loss, fast(**inputs).aux_loss
+    _assert_close("aux_loss", aux_f.detach(), aux_p.detach())
+    _compare(plain, fast, inputs)
