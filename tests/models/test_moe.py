@@ -329,3 +329,51 @@ def test_mla_projections_run_the_fused_lora_function(model_type):
         names = [n for n in ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")]
         present = [getattr(attention, n) for n in names if isinstance(getattr(attention, n, None), torch.nn.Module)]
         assert len(present) >= 4 and all(isinstance(p, FastProjection) for p in present)
+
+
+# ------------------------------------------------------------------------------------------------ QLoRA
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_qlora_keeps_experts_unquantised_and_equals_plain(model_type, tmp_path):
+    """transformers + bitsandbytes 4-bit quantises the linear layers and leaves the 3-D expert stacks in the compute
+    dtype (what fastft supports, and says in the README); fastft patches those experts and equals plain bnb + PEFT."""
+    pytest.importorskip("bitsandbytes")
+    _plain(model_type).save_pretrained(tmp_path)
+
+    def load():
+        quantization = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, quantization_config=quantization, dtype=torch.float32, experts_implementation="eager"
+        )
+        return _lora(model)
+
+    plain, fast = load(), load()
+    fast.load_state_dict({n: p for n, p in plain.state_dict().items() if "lora_" in n}, strict=False)
+    assert any("Linear4bit" in type(m).__name__ for m in plain.modules()), "the linear layers are 4-bit"
+    for module in _experts_modules(plain.get_base_model()):
+        assert fexperts.read_weight(module, "gate_up_proj").base.dtype == torch.float32  # not quantised
+    fastft.patch(fast)
+    assert fast.fastft_report.experts > 0, fast.fastft_report.summary()
+    _compare(plain, fast, _inputs(plain))
+
+
+@pytest.mark.parametrize(("model_type", "coef"), [("qwen3_moe", None), ("qwen3_moe", 0.05), ("gpt_oss", 0.05)])
+def test_router_aux_loss_is_unchanged(model_type, coef):
+    """With ``output_router_logits`` the load-balancing loss (from transformers' own router logits) enters the loss
+    and the router's gradient exactly as in plain transformers; Qwen3-MoE's default coefficient (0.001, a change
+    of the loss below the head probe's tolerance) included."""
+    plain = _plain(model_type)
+    plain.config.output_router_logits = True
+    if coef is not None:
+        plain.config.router_aux_loss_coef = plain.router_aux_loss_coef = coef
+    fast = copy.deepcopy(plain)
+    fastft.patch(fast)
+    assert fast.fastft_report.experts > 0
+    inputs = _inputs(plain)
+    plain.train(), fast.train()
+    aux_p, aux_f = plain(**inputs).aux_loss, fast(**inputs).aux_loss
+    _assert_close("aux_loss", aux_f.detach(), aux_p.detach())
+    _compare(plain, fast, inputs)
