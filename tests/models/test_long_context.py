@@ -19,6 +19,7 @@ from fastft.models.checkpointing import set_checkpointing
 from fastft.models.families import FAMILIES
 from fastft.models.layers import FastGatedMLP
 from fastft.models.long_context import set_long_context
+from fastft.utils.memory import SavedTensorMeter
 from tests.models.tiny import batch, twins
 
 FP32 = 1e-5
@@ -61,3 +62,46 @@ def test_switch_off_and_errors():
     for bad in (0, -3, 2.5, "auto"):
         with pytest.raises(ValueError, match="tiled_mlp must be True"):
             set_long_context(model, tiled_mlp=bad)
+
+
+@pytest.mark.parametrize("keep_every", [2, 3])
+def test_keep_every_kth_input_same_gradients(keep_every):
+    """5 layers, dropout on (adapters and attention: the replays must draw the forward's masks): bitwise the same
+    loss and gradients as keeping every input, and only the segment starts' inputs saved (host memory)."""
+    overrides = {"num_hidden_layers": 5, "attention_dropout": 0.2}
+    every, segmented = twins("llama", torch.float32, model_kwargs=overrides, lora_dropout=0.1)
+    for model in (every, segmented):
+        fastft.patch(model)
+        set_checkpointing(model, "offload")
+    info = set_long_context(segmented, tiled_mlp=False, keep_every=keep_every)
+    assert info == {"tiled_mlp": 0, "keep_every": keep_every, "kept_inputs": -(-5 // keep_every)}
+    inputs = batch()
+    results = []
+    with force_backend("torch"):
+        for model in (every, segmented):
+            torch.manual_seed(11)
+            hidden_bytes = 2 * 11 * 64 * 4  # one layer input
+            with SavedTensorMeter() as meter:
+                loss = model.train()(**inputs).loss
+            inputs_saved = sum(1 for s in meter.saved if s.shape == (2, 11, 64))
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            results.append((loss.detach(), grads, inputs_saved))
+            assert meter.total_bytes > hidden_bytes
+    (loss_e, grads_e, saved_e), (loss_s, grads_s, saved_s) = results
+    assert torch.equal(loss_e, loss_s)
+    for name, grad in grads_e.items():
+        assert torch.equal(grads_s[name], grad), name
+    # Hidden-sized saved tensors: the layer inputs kept (5, or one per segment) and the final norm's input.
+    assert (saved_e, saved_s) == (5 + 1, -(-5 // keep_every) + 1)
+
+
+def test_keep_every_for():
+    from fastft.models.long_context import keep_every_for
+
+    gib = 2**30
+    per_input = 1_000_000 * 4096 * 2  # a million tokens of Llama-3-8B: 7.6 GiB per layer input
+    assert keep_every_for(32, 1_000_000, 4096, 32 * per_input) == 1
+    assert keep_every_for(32, 1_000_000, 4096, 128 * gib) == 3  # 11 + 2 = 13 inputs, 99 GiB (k=2: 17, 130 GiB)
+    with pytest.raises(ValueError, match="fewest layer inputs"):
+        keep_every_for(32, 1_000_000, 4096, 50 * gib)
