@@ -26,7 +26,6 @@ layer. Contenders (:data:`CONTENDERS`):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from dataclasses import dataclass
 
