@@ -195,6 +195,19 @@ def _arch_enum(gguf: Any, arch: Architecture) -> Any:
     raise UnsupportedModelError(f"the installed gguf package does not know the architecture {arch.gguf_arch!r}.")
 
 
+def _safe_name(name: str, vocab: GGUFVocab) -> str:
+    """``general.name``, unless llama.cpp would fail on it.
+
+    llama.cpp sets Phi-3's strip attributes when the model *name* contains "phi3" or "phi-3", and then looks up
+    ``<unk>``, ``<s>``, ``</s>`` and ``<|endoftext|>``, failing to load a file whose vocabulary lacks one. Such a
+    name is written without the "3" match (the tokens then keep the attributes the file gives them).
+    """
+    lowered = name.lower()
+    if ("phi3" in lowered or "phi-3" in lowered) and not {"<unk>", "<s>", "</s>", "<|endoftext|>"} <= set(vocab.tokens):
+        return lowered.replace("phi-3", "phi_3").replace("phi3", "phi_3")
+    return name
+
+
 def _tensor_type(gguf: Any, shape: tuple[int, ...], wanted: Any) -> Any:
     """The GGML type of one tensor: f32 for 1-D, f16 where rows do not fill whole quantisation blocks."""
     qt = gguf.GGMLQuantizationType
@@ -215,7 +228,7 @@ def _write_file(plan: _Plan, path: Path, method: str, name: str, progress: bool)
     writer = gguf.GGUFWriter(partial, plan.arch.gguf_arch)
     try:
         writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name)
+        writer.add_name(_safe_name(name, plan.vocab))
         writer.add_file_type(int(gguf.LlamaFileType[file_type]))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_hyperparameters(plan.config, writer, plan.arch, plan.vocab_size)
