@@ -1,7 +1,7 @@
 """fastft: hand-derived Triton kernels that make Hugging Face LLM fine-tuning faster and leaner.
 
 ``from fastft import FastModel`` loads and patches a causal LM (Unsloth's ``FastLanguageModel`` argument
-names); ``fastft.patch(model)`` makes a model the user built themselves fast, in place. The kernels live in
+names; ``FastLanguageModel`` is the same class under Unsloth's name); ``fastft.patch(model)`` makes a model the user built themselves fast, in place. The kernels live in
 :mod:`fastft.kernels`. ``FastModel`` and ``patch`` are imported on first use, so ``import fastft.kernels``
 does not pull in transformers, PEFT and bitsandbytes.
 """
@@ -11,18 +11,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fastft.models.fast_model import FastModel
+    from fastft.models.fast_model import FastLanguageModel, FastModel, is_bfloat16_supported
     from fastft.models.patch import patch
 
 __version__ = "0.1.0.dev0"
-__all__ = ["FastModel", "__version__", "patch"]
+__all__ = ["FastLanguageModel", "FastModel", "__version__", "is_bfloat16_supported", "patch"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "FastModel":
-        from fastft.models.fast_model import FastModel
+    if name in ("FastModel", "FastLanguageModel", "is_bfloat16_supported"):
+        from fastft.models import fast_model
 
-        return FastModel
+        return getattr(fast_model, name)
     if name == "patch":
         from fastft.models.patch import patch
 

@@ -50,6 +50,22 @@ _PICKLE_SUFFIXES = (".bin", ".bin.index.json", ".pt", ".pth", ".ckpt")
 # ------------------------------------------------------------------------------------------------ loading
 
 
+def is_bfloat16_supported() -> bool:
+    """Whether this process's CUDA device computes in bf16 natively (Ampere and newer), as Unsloth's helper of the name.
+
+    Notebooks pass ``bf16=is_bfloat16_supported(), fp16=not is_bfloat16_supported()`` to the trainer. A T4
+    (sm_75) runs bf16 only by emulation, so it answers False there (fp16 is the fast choice). Without a CUDA device
+    it answers False: the trainer's ``bf16=True`` on a CPU needs ``use_cpu=True``, and fp32 is what fastft loads on
+    a CPU anyway (pass ``fp16=False, bf16=False`` there).
+    """
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch without the argument
+        return bool(torch.cuda.is_bf16_supported())
+
+
 def _resolve_dtype(dtype: torch.dtype | str | None, on_cuda: bool, full_finetuning: bool) -> torch.dtype:
     if isinstance(dtype, str):
         resolved = getattr(torch, dtype.removeprefix("torch."), None)
@@ -62,12 +78,7 @@ def _resolve_dtype(dtype: torch.dtype | str | None, on_cuda: bool, full_finetuni
         return dtype
     if not on_cuda:
         return torch.float32
-    # A T4 (sm_75) "supports" bf16 only by emulation: native bf16 only, else fp16.
-    try:
-        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # torch without the argument
-        native_bf16 = torch.cuda.is_bf16_supported()
-    if native_bf16:
+    if is_bfloat16_supported():
         return torch.bfloat16
     # fp16 master weights cannot be trained under a GradScaler: full fine-tuning keeps fp32 and autocasts.
     return torch.float32 if full_finetuning else torch.float16
@@ -469,3 +480,7 @@ class FastModel:
             save_merged_4bit(model, path)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
+
+
+FastLanguageModel = FastModel
+"""Unsloth's name for :class:`FastModel` (the same class), so ``from fastft import FastLanguageModel`` ports a notebook."""
