@@ -22,7 +22,6 @@ import dataclasses
 import logging
 import os
 import tempfile
-import types
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -34,6 +33,7 @@ from torch import nn
 
 from fastft.models.checkpointing import normalize_checkpointing_mode, set_checkpointing
 from fastft.models.families import FAMILIES, family_of
+from fastft.models.methods import attach_methods
 from fastft.models.patch import causal_lm, patch
 from fastft.models.saving import save_merged_4bit, save_merged_16bit
 
@@ -243,15 +243,9 @@ def _writable_dir(path: str | os.PathLike) -> str:
     return path
 
 
-def _save_pretrained_merged_method(self: nn.Module, save_directory: str, tokenizer: Any = None, **kwargs) -> None:
-    """Unsloth's spelling, ``model.save_pretrained_merged(path, tokenizer, save_method=...)``."""
-    FastModel.save_pretrained_merged(self, tokenizer, save_directory, **kwargs)
-
-
 def _finish(model: nn.Module) -> nn.Module:
     patch(model)
-    model.save_pretrained_merged = types.MethodType(_save_pretrained_merged_method, model)
-    return model
+    return attach_methods(model)  # Unsloth's model.save_pretrained_merged(path, tokenizer, ...), ... (methods.py)
 
 
 # ------------------------------------------------------------------------------------------------ public API
