@@ -26,8 +26,6 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
-# What the Colab cell installs. fastft is not on PyPI yet: this is its source repository.
-FASTFT_PIP_SPEC = "fastft @ git+https://github.com/fastft/fastft"
 
 VARIANTS = {
     "quickstart": {
@@ -67,14 +65,20 @@ way. **On Colab** (Runtime > Change runtime type > T4 GPU) the parameters cell p
 Llama, Mistral, Qwen, Gemma or Phi-3 checkpoint on the hub works the same way.
 """
 
+# fastft is not published on PyPI or a public repository yet, so the Colab cell installs from where the user got it:
+# a wheel or source folder uploaded to the session, or a URL of either, set in FASTFT_SOURCE.
 INSTALL = """
-# Colab: install fastft and what it needs. Elsewhere (a local Jupyter, CI) fastft is installed already and this
-# cell does nothing.
+# Colab: install fastft from where you got it. Set FASTFT_SOURCE to its wheel or source folder uploaded to this
+# session (e.g. "/content/fastft-0.1.0-py3-none-any.whl" or "/content/fastft"), or to a URL of one. Elsewhere (a local
+# Jupyter, CI) fastft is installed already and this cell does nothing.
 import sys
 
 IN_COLAB = "google.colab" in sys.modules
+FASTFT_SOURCE = ""
 if IN_COLAB:
-    %pip install -q "${pip_spec}"
+    if not FASTFT_SOURCE:
+        raise ValueError("set FASTFT_SOURCE to the fastft wheel, source folder or URL you have, then run this cell")
+    %pip install -q "{FASTFT_SOURCE}"
 """
 
 PARAMETERS_MD = """
@@ -705,7 +709,7 @@ def build(name: str) -> nbformat.NotebookNode:
     if name not in NOTEBOOKS:
         raise ValueError(f"name={name!r} is not one of {sorted(NOTEBOOKS)}")
     templates, variant = NOTEBOOKS[name]
-    values = {**variant, "pip_spec": FASTFT_PIP_SPEC}
+    values = dict(variant)
     cells = []
     for index, (kind, template) in enumerate(templates):
         source = Template(template.strip("\n")).substitute(values)

@@ -248,6 +248,31 @@ def _finish(model: nn.Module) -> nn.Module:
     return attach_methods(model)  # Unsloth's model.save_pretrained_merged(path, tokenizer, ...), ... (methods.py)
 
 
+def _is_adapter_folder(model_name: str) -> bool:
+    """A local folder of LoRA adapters only (``adapter_config.json``, no model ``config.json``), as save_lora writes."""
+    has = os.path.isfile
+    return has(os.path.join(model_name, "adapter_config.json")) and not has(os.path.join(model_name, "config.json"))
+
+
+def _from_adapter_folder(folder: str, **kwargs: Any) -> tuple[nn.Module, Any]:
+    """Unsloth's reload of saved adapters, ``from_pretrained("lora_model")``: the base model the adapter config
+    names, loaded with the same arguments, then the adapters on it (trainable, as ``get_peft_model`` leaves them)."""
+    config = peft.PeftConfig.from_pretrained(folder)
+    base = config.base_model_name_or_path
+    if not base:
+        raise ValueError(
+            f"{folder!r} holds LoRA adapters whose adapter_config.json names no base model; load the base with "
+            "FastModel.from_pretrained and attach them with peft.PeftModel.from_pretrained(model, folder)"
+        )
+    model, tokenizer = FastModel.from_pretrained(base, **kwargs)
+    model = peft.PeftModel.from_pretrained(model, folder, is_trainable=True)
+    if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):  # the tokenizer saved with the adapters
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=kwargs["trust_remote_code"])
+        tokenizer.model_max_length = kwargs["max_seq_length"]
+        _ensure_pad_token(tokenizer)
+    return _finish(model), tokenizer
+
+
 # ------------------------------------------------------------------------------------------------ public API
 
 
@@ -281,7 +306,9 @@ class FastModel:
         nothing is frozen here either (:meth:`get_peft_model` freezes the base). The model gets
         ``max_seq_length`` (see the module doc for longer sequences); the tokenizer gets ``model_max_length =
         max_seq_length`` and, if it has none, a pad token: a pad token of its vocabulary, else unk, else eos.
-        Other ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained``. Returns ``(model, tokenizer)``.
+        Other ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained``. A local folder of LoRA adapters (what
+        ``save_method="lora"`` or ``model.save_pretrained`` writes) loads the base model its config names with these
+        arguments and returns a ``PeftModel`` with those adapters, trainable. Returns ``(model, tokenizer)``.
         """
         _validate_length(max_seq_length)
         if load_in_4bit and load_in_8bit:
@@ -297,6 +324,20 @@ class FastModel:
             raise ValueError("use_safetensors=False reads pickle files; pass allow_pickle=True to allow that")
         kwargs.pop("use_safetensors", None)
         model_name = os.fspath(model_name)
+        if _is_adapter_folder(model_name):
+            return _from_adapter_folder(
+                model_name,
+                max_seq_length=max_seq_length,
+                dtype=dtype,
+                load_in_4bit=load_in_4bit,
+                load_in_8bit=load_in_8bit,
+                device_map=device_map,
+                token=token,
+                trust_remote_code=trust_remote_code,
+                attn_implementation=attn_implementation,
+                allow_pickle=allow_pickle,
+                **kwargs,
+            )
         if device_map is None and torch.cuda.is_available():
             device_map = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
         devices = _device_types(device_map if device_map is not None else "cpu")
@@ -315,7 +356,7 @@ class FastModel:
             _refuse_pickle(model_name)
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        shared = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only") if k in kwargs}
+        shared = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "gguf_file") if k in kwargs}
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 model_name,

@@ -16,6 +16,7 @@ import types
 from pathlib import Path
 
 import huggingface_hub
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -166,3 +167,23 @@ def test_save_lora_load_lora_round_trip(tiny_checkpoint, tmp_path):
     other = FastLanguageModel.get_peft_model(other, r=8)
     with pytest.raises(ValueError, match="r: saved 4, live 8"):
         other.load_lora(tmp_path / "lora")
+
+
+def test_from_pretrained_on_saved_adapters_reloads_them(tiny_checkpoint, tmp_path):
+    """Unsloth's reload cell, ``FastLanguageModel.from_pretrained(model_name="lora_model")``: base + adapters."""
+    model, tokenizer = _load(tiny_checkpoint())
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    _randomise_adapters(model)
+    model.save_pretrained(tmp_path / "lora_model")  # the notebook's own spelling
+    tokenizer.save_pretrained(tmp_path / "lora_model")
+    reloaded, reloaded_tokenizer = _load(tmp_path / "lora_model")
+    assert isinstance(reloaded, peft.PeftModel) and callable(reloaded.save_lora)
+    assert _adapters(reloaded).keys() == _adapters(model).keys()
+    assert all(torch.equal(v, _adapters(model)[k]) for k, v in _adapters(reloaded).items())
+    assert any(p.requires_grad for n, p in reloaded.named_parameters() if "lora_" in n)  # trainable, as saved
+    assert reloaded_tokenizer.model_max_length == 64 and reloaded_tokenizer.pad_token is not None
+    prompt = torch.tensor([[1, 3, 4, 5, 6]])
+    FastLanguageModel.for_inference(model)
+    FastLanguageModel.for_inference(reloaded)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=prompt).logits, reloaded(input_ids=prompt).logits)
