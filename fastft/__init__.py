@@ -15,7 +15,17 @@ if TYPE_CHECKING:
     from fastft.models.patch import patch
 
 __version__ = "0.1.0.dev0"
-__all__ = ["FastLanguageModel", "FastModel", "__version__", "is_bfloat16_supported", "patch"]
+_CHAT_TEMPLATE_NAMES = ("apply_chat_template", "standardize_sharegpt", "to_sharegpt")
+__all__ = [
+    "FastLanguageModel",
+    "FastModel",
+    "__version__",
+    "apply_chat_template",
+    "is_bfloat16_supported",
+    "patch",
+    "standardize_sharegpt",
+    "to_sharegpt",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -23,6 +33,10 @@ def __getattr__(name: str) -> Any:
         from fastft.models import fast_model
 
         return getattr(fast_model, name)
+    if name in _CHAT_TEMPLATE_NAMES:  # Unsloth's notebooks import these from the package itself
+        import importlib
+
+        return getattr(importlib.import_module("fastft.chat_templates"), name)
     if name == "patch":
         from fastft.models.patch import patch
 

@@ -27,9 +27,11 @@ from typing import Any
 
 __all__ = [
     "CHAT_TEMPLATES",
+    "apply_chat_template",
     "get_chat_template",
     "standardize_data_formats",
     "standardize_sharegpt",
+    "to_sharegpt",
     "train_on_responses_only",
 ]
 
@@ -498,6 +500,142 @@ def standardize_data_formats(
         return {"conversations": conversations}
 
     return _map_dataset(dataset, convert_instruction, None, num_proc)
+
+
+def _fill(template: str, row: dict, where: str) -> str:
+    """``template`` with ``{column}`` replaced by the row's value; a ``[[...]]`` part is dropped if a column in it is
+    empty (None or blank)."""
+    import re
+
+    def value(name: str) -> str:
+        if name not in row:
+            raise ValueError(f"{where}: {{{name}}} names no column; the columns are {sorted(row)}")
+        return "" if row[name] is None else str(row[name])
+
+    def optional(match: re.Match) -> str:
+        names = re.findall(r"\{(\w+)\}", match.group(1))
+        if any(not value(name).strip() for name in names):
+            return ""
+        return re.sub(r"\{(\w+)\}", lambda m: value(m.group(1)), match.group(1))
+
+    text = re.sub(r"\[\[(.*?)\]\]", optional, template, flags=re.DOTALL)
+    return re.sub(r"\{(\w+)\}", lambda m: value(m.group(1)), text)
+
+
+def to_sharegpt(
+    dataset: Any,
+    merged_prompt: str = "",
+    merged_column_name: str = "instruction",
+    output_column_name: str = "output",
+    remove_unused_columns: bool = True,
+    conversation_extension: int = 1,
+    random_state: int = 3407,
+) -> Any:
+    """Turn instruction data into ShareGPT ``conversations`` (human, gpt turns), as Unsloth's function of the name.
+
+    ``merged_prompt`` builds the human turn from columns: ``"{instruction}[[\\nYour input is:\\n{input}]]"``
+    writes the ``instruction`` column, then the part in ``[[...]]`` only where ``input`` is not empty. Without it
+    the ``merged_column_name`` column is the human turn; the ``output_column_name`` column is the reply.
+    ``conversation_extension=n`` appends the exchanges of n - 1 other rows, drawn with ``random_state``, so each
+    conversation has n exchanges. ``remove_unused_columns`` keeps only ``conversations``. Returns a new dataset.
+    """
+    import random
+
+    from datasets import Dataset
+
+    if not isinstance(conversation_extension, int) or conversation_extension < 1:
+        raise ValueError(f"conversation_extension must be a positive int, got {conversation_extension!r}")
+    rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
+    if rows and output_column_name not in rows[0]:
+        raise ValueError(f"output_column_name={output_column_name!r} is not a column of {sorted(rows[0])}")
+    prompt = merged_prompt or "{" + merged_column_name + "}"
+    exchanges = [
+        [{"from": "human", "value": _fill(prompt, row, "to_sharegpt merged_prompt")},
+         {"from": "gpt", "value": str(row[output_column_name])}]
+        for row in rows
+    ]  # fmt: skip
+    rng = random.Random(random_state)
+    out = []
+    for i, row in enumerate(rows):
+        turns = list(exchanges[i])
+        for _ in range(conversation_extension - 1):  # another row's exchange (itself only in a one-row dataset)
+            j = rng.randrange(len(rows) - 1) if len(rows) > 1 else 0
+            turns += exchanges[j + (j >= i) if len(rows) > 1 else 0]
+        out.append({"conversations": turns} if remove_unused_columns else {**row, "conversations": turns})
+    return Dataset.from_list(out)
+
+
+def _template_from_text(chat_template: str, default_system_message: str | None) -> str:
+    """A Jinja chat template from Unsloth's text form with ``{INPUT}``, ``{OUTPUT}`` and optionally ``{SYSTEM}``.
+
+    The text before ``{INPUT}`` is a preamble written once (up to the line holding ``{SYSTEM}``, or else up to the
+    last blank line) and a header that opens every user turn (the rest), the text between ``{INPUT}`` and ``{OUTPUT}`` follows every user turn (so a prompt ends
+    ready for the reply), and a reply ends with the text after ``{OUTPUT}`` and eos; exchanges are separated by a
+    blank line.
+    """
+    if chat_template.count("{INPUT}") != 1 or chat_template.count("{OUTPUT}") != 1:
+        raise ValueError(
+            "chat_template must hold {INPUT} and {OUTPUT} once each (and optionally {SYSTEM}), e.g. "
+            "'### Instruction:\\n{INPUT}\\n\\n### Response:\\n{OUTPUT}'"
+        )
+    before, rest = chat_template.split("{INPUT}")
+    between, after = rest.split("{OUTPUT}")
+    if "{SYSTEM}" in between or "{SYSTEM}" in after:
+        raise ValueError("chat_template: {SYSTEM} must come before {INPUT}")
+    if "{SYSTEM}" in before:  # the preamble ends with the line that holds {SYSTEM} (and blank lines after it)
+        end = before.find("\n", before.index("{SYSTEM}"))
+        end = len(before) if end == -1 else len(before) - len(before[end:].lstrip("\n"))
+    else:  # the preamble is all before the last blank line
+        cut = before.rfind("\n\n")
+        end = 0 if cut == -1 else cut + 2
+    preamble, user_header = before[:end], before[end:]
+    system = default_system_message or ""
+    head, _, tail = preamble.partition("{SYSTEM}")
+    preamble_jinja = repr(head) + (" + system_message + " + repr(tail) if "{SYSTEM}" in preamble else "")
+    return (
+        "{%- if messages[0]['role'] == 'system' %}\n"
+        "{%- set system_message = messages[0]['content'] %}\n{%- set loop_messages = messages[1:] %}\n"
+        f"{{%- else %}}\n{{%- set system_message = {system!r} %}}\n{{%- set loop_messages = messages %}}\n"
+        "{%- endif %}\n"
+        f"{{{{- {preamble_jinja} }}}}\n"
+        "{%- for message in loop_messages %}\n"
+        f"{{%- if message['role'] == 'user' %}}{{{{- {user_header!r} + message['content'] + {between!r} }}}}\n"
+        f"{{%- elif message['role'] == 'assistant' %}}{{{{- message['content'] + {after!r} + eos_token"
+        " + ('\\n\\n' if not loop.last else '') }}\n"
+        "{%- else %}{{- raise_exception('unexpected role ' + message['role'] + ': expected user, assistant or "
+        "system') }}{%- endif %}\n"
+        "{%- endfor %}"
+    )
+
+
+def apply_chat_template(
+    dataset: Any,
+    tokenizer: Any = None,
+    chat_template: str = "",
+    default_system_message: str | None = None,
+    num_proc: int | None = None,
+) -> Any:
+    """Give ``tokenizer`` the template written in ``chat_template``'s text form and render ``dataset`` with it.
+
+    ``chat_template`` is plain text with ``{INPUT}`` (a user turn), ``{OUTPUT}`` (a reply) and optionally
+    ``{SYSTEM}`` (the system message, else ``default_system_message``), as in Unsloth's Ollama notebook; a
+    multi-turn conversation repeats the turn part. The tokenizer's ``chat_template`` becomes the equivalent Jinja
+    template (so ``tokenizer.apply_chat_template`` and a GGUF / Ollama export use it), and a ``text`` column with
+    every conversation rendered (each reply ending with eos) is added to the dataset (standardized conversations:
+    see :func:`standardize_sharegpt`). Returns the new dataset.
+    """
+    if tokenizer is None:
+        raise ValueError("apply_chat_template needs tokenizer=...")
+    tokenizer.chat_template = _template_from_text(chat_template, default_system_message)
+    tokenizer._fastft_chat_template = None
+    column = _conversation_column(_columns(dataset), _first_rows(dataset))
+    if column is None:
+        raise ValueError("apply_chat_template: the dataset has no conversations column; use to_sharegpt first")
+
+    def render(batch: dict) -> dict:
+        return {"text": [tokenizer.apply_chat_template(c, tokenize=False) for c in batch[column]]}
+
+    return _map_dataset(dataset, render, None, num_proc)
 
 
 # ------------------------------------------------------------------------------------------------ responses only

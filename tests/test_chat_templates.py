@@ -18,9 +18,11 @@ from datasets import Dataset
 from fastft.bench.assets import default_model, default_tokenizer
 from fastft.chat_templates import (
     CHAT_TEMPLATES,
+    apply_chat_template,
     get_chat_template,
     standardize_data_formats,
     standardize_sharegpt,
+    to_sharegpt,
     train_on_responses_only,
 )
 
@@ -235,3 +237,60 @@ def test_template_tokens_not_in_vocabulary_still_match(tmp_path):
     kept = [t for t in trainer.train_dataset[3]["labels"] if t != -100]
     # TRL appends the tokenizer's eos (still <|eot_id|>: <|im_end|> is no token here) to text rows: it ends the reply
     assert tokenizer.decode(kept) == "4 5 6\n<|im_end|>\n<|eot_id|>"
+
+
+ALPACA_TEXT = """Below are some instructions that describe some tasks. Write responses that appropriately complete each request.
+
+### Instruction:
+{INPUT}
+
+### Response:
+{OUTPUT}"""
+
+
+def test_to_sharegpt_merges_columns_and_extends_conversations():
+    rows = [
+        {"instruction": "Add", "input": "2 and 2", "output": "4"},
+        {"instruction": "Say hi", "input": "", "output": "hi"},
+        {"instruction": "Name one", "input": None, "output": "Bob"},
+    ]
+    merged = "{instruction}[[\nYour input is:\n{input}]]"
+    single = to_sharegpt(Dataset.from_list(rows), merged_prompt=merged, output_column_name="output")
+    assert single.column_names == ["conversations"]
+    assert [c[0]["value"] for c in single["conversations"]] == ["Add\nYour input is:\n2 and 2", "Say hi", "Name one"]
+    assert single[0]["conversations"][1] == {"from": "gpt", "value": "4"}
+    extended = to_sharegpt(Dataset.from_list(rows), merged_prompt=merged, conversation_extension=3)
+    for i, conversation in enumerate(extended["conversations"]):
+        assert len(conversation) == 6 and conversation[:2] == single[i]["conversations"]
+        assert all(conversation[k : k + 2] in single["conversations"] for k in (2, 4))
+        assert conversation[2:4] != conversation[:2] and conversation[4:6] != conversation[:2]  # other rows
+    with pytest.raises(ValueError, match="names no column"):
+        to_sharegpt(Dataset.from_list(rows), merged_prompt="{question}")
+
+
+def test_apply_chat_template_from_text_form():
+    tokenizer = default_tokenizer()
+    conversations = to_sharegpt(Dataset.from_list([{"instruction": "Add 2 and 2", "output": "4"}]))
+    conversations = standardize_sharegpt(conversations)
+    two = [*conversations[0]["conversations"], {"role": "user", "content": "And 3?"}]
+    two.append({"role": "assistant", "content": "7"})
+    dataset = apply_chat_template(Dataset.from_dict({"conversations": [two]}), tokenizer, chat_template=ALPACA_TEXT)
+    preamble = "Below are some instructions that describe some tasks. Write responses that appropriately complete "
+    assert dataset[0]["text"] == (
+        f"{preamble}each request.\n\n### Instruction:\nAdd 2 and 2\n\n### Response:\n4<|eot_id|>\n\n"
+        "### Instruction:\nAnd 3?\n\n### Response:\n7<|eot_id|>"
+    )
+    prompt = tokenizer.apply_chat_template(two[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt == f"{preamble}each request.\n\n### Instruction:\nAdd 2 and 2\n\n### Response:\n"
+    system = apply_chat_template(
+        Dataset.from_dict({"conversations": [two]}),
+        default_tokenizer(),
+        chat_template="{SYSTEM}\nUSER: {INPUT}\nASSISTANT: {OUTPUT}",
+        default_system_message="Be kind.",
+    )
+    assert (
+        system[0]["text"]
+        == "Be kind.\nUSER: Add 2 and 2\nASSISTANT: 4<|eot_id|>\n\nUSER: And 3?\nASSISTANT: 7<|eot_id|>"
+    )
+    with pytest.raises(ValueError, match="{INPUT} and {OUTPUT} once each"):
+        apply_chat_template(dataset, default_tokenizer(), chat_template="### Instruction:\n{INPUT}")

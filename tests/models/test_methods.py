@@ -72,7 +72,19 @@ def hub(monkeypatch):
 
 def test_unsloth_names():
     assert FastLanguageModel is FastModel and fastft.FastLanguageModel is FastModel
-    assert {"FastLanguageModel", "is_bfloat16_supported"} <= set(fastft.__all__)
+    assert {"FastLanguageModel", "is_bfloat16_supported", "to_sharegpt"} <= set(fastft.__all__)
+    from fastft import (  # as Unsloth's Ollama notebook does
+        apply_chat_template,
+        chat_templates,
+        standardize_sharegpt,
+        to_sharegpt,
+    )
+
+    assert (apply_chat_template, standardize_sharegpt, to_sharegpt) == (
+        chat_templates.apply_chat_template,
+        chat_templates.standardize_sharegpt,
+        chat_templates.to_sharegpt,
+    )
     if not torch.cuda.is_available():
         assert fastft.is_bfloat16_supported() is False  # so notebooks' bf16=is_bfloat16_supported() stays off
 
