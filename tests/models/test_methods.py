@@ -199,3 +199,23 @@ def test_from_pretrained_on_saved_adapters_reloads_them(tiny_checkpoint, tmp_pat
     FastLanguageModel.for_inference(reloaded)
     with torch.no_grad():
         assert torch.equal(model(input_ids=prompt).logits, reloaded(input_ids=prompt).logits)
+
+
+def test_gguf_methods_write_and_upload_real_files(tmp_path, hub):
+    """The methods on fastft.export itself: the embedded Llama (byte-level BPE tokenizer) with adapters, written as
+    an f16 GGUF and pushed as q8_0 up to the upload call (the files themselves are checked in tests/export)."""
+    from fastft.bench.assets import default_model, default_tokenizer
+
+    default_model(seed=0).save_pretrained(tmp_path / "base")
+    default_tokenizer().save_pretrained(tmp_path / "base")
+    model, tokenizer = _load(tmp_path / "base")
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    _randomise_adapters(model)
+    paths = model.save_pretrained_gguf(tmp_path / "gguf", tokenizer, quantization_method="f16")
+    names = sorted(Path(p).name for p in paths)
+    assert names == ["Modelfile", "gguf.F16.gguf"] and all(Path(p).stat().st_size for p in paths)
+    model.push_to_hub_gguf("me/tiny-gguf", tokenizer, token="")
+    repo_id, upload_kwargs, files = hub["upload_folder"]
+    assert repo_id == "me/tiny-gguf" and hub["create_repo"][2] is None and "commit_message" in upload_kwargs
+    assert sorted(files) == ["Modelfile", "tiny-gguf.Q8_0.gguf"]
+    assert files["tiny-gguf.Q8_0.gguf"][:4] == b"GGUF"
