@@ -569,7 +569,8 @@ def _template_from_text(chat_template: str, default_system_message: str | None) 
     """A Jinja chat template from Unsloth's text form with ``{INPUT}``, ``{OUTPUT}`` and optionally ``{SYSTEM}``.
 
     The text before ``{INPUT}`` is a preamble written once (up to the line holding ``{SYSTEM}``, or else up to the
-    last blank line) and a header that opens every user turn (the rest), the text between ``{INPUT}`` and ``{OUTPUT}`` follows every user turn (so a prompt ends
+    last blank line, which is then the default system message a system turn replaces) and a header that opens every
+    user turn (the rest), the text between ``{INPUT}`` and ``{OUTPUT}`` follows every user turn (so a prompt ends
     ready for the reply), and a reply ends with the text after ``{OUTPUT}`` and eos; exchanges are separated by a
     blank line.
     """
@@ -589,15 +590,19 @@ def _template_from_text(chat_template: str, default_system_message: str | None) 
         cut = before.rfind("\n\n")
         end = 0 if cut == -1 else cut + 2
     preamble, user_header = before[:end], before[end:]
-    system = default_system_message or ""
-    head, _, tail = preamble.partition("{SYSTEM}")
-    preamble_jinja = repr(head) + (" + system_message + " + repr(tail) if "{SYSTEM}" in preamble else "")
+    if "{SYSTEM}" in preamble:
+        system_head, system_tail = preamble.split("{SYSTEM}")
+        system = default_system_message or ""
+    else:  # the preamble itself is the default system message; a system turn replaces it
+        system_head, system = "", preamble.rstrip("\n")
+        system_tail = preamble[len(system) :] or "\n\n"
+        system = default_system_message if default_system_message is not None else system
     return (
-        "{%- if messages[0]['role'] == 'system' %}\n"
+        "{%- if messages and messages[0]['role'] == 'system' %}\n"
         "{%- set system_message = messages[0]['content'] %}\n{%- set loop_messages = messages[1:] %}\n"
         f"{{%- else %}}\n{{%- set system_message = {system!r} %}}\n{{%- set loop_messages = messages %}}\n"
         "{%- endif %}\n"
-        f"{{{{- {preamble_jinja} }}}}\n"
+        f"{{%- if system_message %}}{{{{- {system_head!r} + system_message + {system_tail!r} }}}}{{%- endif %}}\n"
         "{%- for message in loop_messages %}\n"
         f"{{%- if message['role'] == 'user' %}}{{{{- {user_header!r} + message['content'] + {between!r} }}}}\n"
         f"{{%- elif message['role'] == 'assistant' %}}{{{{- message['content'] + {after!r} + eos_token"
