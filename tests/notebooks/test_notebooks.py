@@ -141,7 +141,7 @@ def test_notebooks_match_their_generator(capsys):
     make_notebooks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_notebooks)
     assert make_notebooks.main(["--check"]) == 0, capsys.readouterr().err
-    for name in ("quickstart", "qlora", "dpo", "grpo", "conversational"):
+    for name in ("quickstart", "qlora", "dpo", "grpo", "conversational", "ollama"):
         notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
         nbformat.validate(notebook)
         assert all(c.get("outputs", []) == [] and c.get("execution_count") is None for c in notebook.cells)
@@ -177,3 +177,23 @@ def test_conversational_notebook_on_smollm2(smollm2_checkpoint, tmp_path, monkey
     assert "quantization_config" in json.loads((run / "model-4bit" / "config.json").read_text())
     gguf = [name for name in summary["gguf_files"] if name.endswith(".gguf")]
     assert sorted(name.rsplit(".", 2)[1].lower() for name in gguf) == ["f16", "q4_k_m", "q8_0"], summary["gguf_files"]
+
+
+def test_ollama_notebook_on_smollm2(smollm2_checkpoint, tmp_path, monkeypatch):
+    """Unsloth's Llama-3 Ollama notebook, ported: to_sharegpt, standardize_sharegpt and a text chat template through
+    apply_chat_template, SFT, the LoRA reload, merged saves, GGUF files and the Ollama Modelfile."""
+    notebook = _execute("ollama", tmp_path, monkeypatch, overrides=f"SMOLLM2_FOLDER = {str(smollm2_checkpoint)!r}")
+    summary = _summary(notebook)
+    assert summary["model"] == "smollm2" and len(summary["losses"]) == 3
+    assert all(math.isfinite(loss) for loss in summary["losses"])
+    assert summary["exchanges"] == [3, 3, 3, 3]  # conversation_extension=3
+    text = summary["first_text"]
+    assert (
+        text.startswith("Below are some instructions that describe some tasks.") and text.count("### Response:\n") == 3
+    )
+    assert text.count("<|im_end|>") == 3  # each reply ends with SmolLM2's eos
+    assert summary["reloaded"] == "PeftModelForCausalLM"
+    gguf = [name for name in summary["gguf_files"] if name.endswith(".gguf")]
+    assert sorted(name.rsplit(".", 2)[1].lower() for name in gguf) == ["f16", "q4_k_m", "q8_0"], summary["gguf_files"]
+    modelfile = summary["modelfile"]
+    assert modelfile.startswith("FROM ") and "### Instruction:" in modelfile and "<|im_end|>" in modelfile, modelfile
