@@ -27,9 +27,9 @@ q/k, fp32) runs the same kernel through a transposed view (:mod:`fastft.models.r
 Backward: none. Positions are integers and the inverse frequencies a buffer (transformers' tables never require
 grad); the function refuses a frequency tensor that requires grad. Nothing is saved.
 
-Rounding: the angle is computed exactly as transformers computes it (int -> fp32, one fp32 multiply), cos and sin in
-fp32, times the scaling, rounded once to the output dtype; transformers' cos/sin (libm-accurate) and Triton's
-agree to an ulp or two of fp32.
+Rounding: the angle is computed exactly as transformers computes it (int -> fp32, one fp32 multiply); cos and sin
+of it to a couple of fp32 ulp (reduction by pi/2 in float64, fp32 polynomials: ``_sincos``), times the scaling,
+rounded once to the output dtype. transformers' libm cos/sin of the same angle agree to an ulp or two.
 """
 
 from __future__ import annotations
@@ -58,6 +58,26 @@ def mrope_tables_reference(
 # ----------------------------------------------------------------------------------------------------------
 # Triton kernel
 # ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sincos(angle):
+    """(sin, cos) of fp32 ``angle``, a couple of fp32 ulp, with no local memory (libdevice's sinf/cosf keep a stack
+    array for their large-argument reduction, which the compile audit sees as spills).
+
+    Reduction in float64: ``angle = k pi/2 + r``, |r| <= pi/4 (fp32 angles are exact in float64; r is off by
+    about 1e-16 |angle|, far below an fp32 ulp of the result for any position a model reaches). Then Cephes' fp32
+    minimax polynomials on [-pi/4, pi/4] and the quadrant ``k mod 4`` picks and signs them."""
+    x = angle.to(tl.float64)
+    k = tl.floor(x * 0.6366197723675814 + 0.5)  # round(x * 2/pi)
+    r = (x - k * 1.5707963267948966).to(tl.float32)
+    r2 = r * r
+    sin_r = r + r * r2 * (-1.6666654611e-1 + r2 * (8.3321608736e-3 + r2 * -1.9515295891e-4))
+    cos_r = 1.0 - 0.5 * r2 + r2 * r2 * (4.166664568298827e-2 + r2 * (-1.388731625493765e-3 + r2 * 2.443315711809948e-5))
+    quadrant = k.to(tl.int64) & 3
+    sin = tl.where(quadrant == 0, sin_r, tl.where(quadrant == 1, cos_r, tl.where(quadrant == 2, -sin_r, -cos_r)))
+    cos = tl.where(quadrant == 0, cos_r, tl.where(quadrant == 1, -sin_r, tl.where(quadrant == 2, -cos_r, sin_r)))
+    return sin, cos
 
 
 @triton.jit
@@ -91,8 +111,9 @@ def _mrope_table_kernel(
         p = tl.load(pos_ptr + a * pos_stride_a + rows * pos_stride_n, mask=row_mask, other=0).to(tl.float32)
         pos = tl.where((axis == a)[None, :], p[:, None], pos)
     angle = pos * freq[None, :]
-    c = (tl.cos(angle) * scale).to(cos_ptr.dtype.element_ty)
-    s = (tl.sin(angle) * scale).to(sin_ptr.dtype.element_ty)
+    sin, cos = _sincos(angle)
+    c = (cos * scale).to(cos_ptr.dtype.element_ty)
+    s = (sin * scale).to(sin_ptr.dtype.element_ty)
     mask = row_mask[:, None] & col_mask[None, :]
     offsets = rows[:, None] * (2 * HALF) + cols[None, :]
     tl.store(cos_ptr + offsets, c, mask=mask)
