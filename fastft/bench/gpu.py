@@ -100,7 +100,7 @@ DRY_RUN_BUDGETS_S = {
     "max_context": 40.0,
     "logprob_head": 30.0,
     "grpo_loss_step": 30.0,
-    "vlm_step": 45.0,
+    "vlm_step": 60.0,  # importing transformers' Qwen2.5-VL and PEFT takes 10-30 s of it on a busy CPU
 }
 CAP_BYTES = 80 * 10**9  # "80 GB": what an 80 GB card leaves a training process, with room for the CUDA context
 
