@@ -7,8 +7,8 @@ takes arguments the fast class does not, leaves that block as it was and is repo
 blocks of the decoder layers that stay on transformers' code are named in one log line and in
 ``model.fastft_report``. Patching is idempotent: a second call changes nothing and returns the same report.
 
-Composite (multimodal) models patch their language model, with the text config; the vision tower is left as
-it is. The fused loss is decided per model by probing its own head-and-loss path
+Composite (multimodal) models patch their language model with the text config, then their vision tower (and
+any other tower) with the vision config, by the same recognisers and probes (``report.vision``). The fused loss is decided per model by probing its own head-and-loss path
 (:func:`fastft.models.recognize.probe_head`), not by its name.
 """
 
@@ -65,16 +65,23 @@ class PatchReport:
     fused_loss: bool = False
     head: HeadTransform | None = None
     skipped: dict[str, str] = field(default_factory=dict)
+    vision: PatchReport | None = None  # the vision (and other non-language) towers of a composite model
 
     def summary(self) -> str:
         done = (
             f"fastft: patched {self.model_type}: {self.norms} norms, {self.mlps} MLP, "
             f"{self.attentions} attention (fused LoRA projections, fastft RoPE), fused loss {'on' if self.fused_loss else 'off'}"
         )
-        if not self.skipped:
-            return done
-        left = "; ".join(f"{kind} ({reason})" for kind, reason in sorted(self.skipped.items()))
-        return f"{done}; left on transformers' code: {left}"
+        if self.skipped:
+            left = "; ".join(f"{kind} ({reason})" for kind, reason in sorted(self.skipped.items()))
+            done = f"{done}; left on transformers' code: {left}"
+        if self.vision is not None:
+            v = self.vision
+            done = f"{done}; vision tower: {v.norms} norms, {v.mlps} MLP, {v.attentions} attention"
+            if v.skipped:
+                left = "; ".join(f"{kind} ({reason})" for kind, reason in sorted(v.skipped.items()))
+                done = f"{done}, left on transformers' code: {left}"
+        return done
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -185,16 +192,26 @@ def _patch_layer_norm(module: nn.Module, walk: _Walk) -> None:
     walk.report.norms += 1
 
 
+def _input_width(module: nn.Module, name: str | None, walk: _Walk) -> int | None:
+    """The input width of an MLP: its first projection's (a vision tower's MLP is narrower than the text model's),
+    else the walk's hidden size."""
+    weight = getattr(getattr(module, name, None), "weight", None) if name else None
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and not weight.is_meta:
+        return weight.shape[1]
+    return walk.hidden_size
+
+
 def _patch_mlp(module: nn.Module, layout: object, walk: _Walk) -> None:
     cls = type(module)
     if not forward_takes_one_tensor(cls):
         walk.skip(module, "its forward takes more than the input")
         return
-    if walk.hidden_size is None:
+    width = _input_width(module, layout.gate_up or layout.gate, walk)
+    if width is None:
         walk.skip(module, "the config has no hidden_size to probe the MLP with")
         return
     if cls not in walk.mlp_layouts:
-        walk.mlp_layouts[cls] = probe_mlp(module, layout, walk.hidden_size, walk.dtype)
+        walk.mlp_layouts[cls] = probe_mlp(module, layout, width, walk.dtype)
     if walk.mlp_layouts[cls] is None:
         walk.skip(module, "MLP wiring not recognised")
         return
@@ -205,11 +222,12 @@ def _patch_mlp(module: nn.Module, layout: object, walk: _Walk) -> None:
 
 def _patch_ungated_mlp(module: nn.Module, layout: object, walk: _Walk) -> None:
     cls = type(module)
-    if not forward_takes_one_tensor(cls) or walk.hidden_size is None:
+    width = _input_width(module, layout.up, walk)
+    if not forward_takes_one_tensor(cls) or width is None:
         walk.skip(module, "its forward takes more than the input")
         return
     if cls not in walk.ungated:
-        walk.ungated[cls] = layout if probe_ungated_mlp(module, layout, walk.hidden_size, walk.dtype) else None
+        walk.ungated[cls] = layout if probe_ungated_mlp(module, layout, width, walk.dtype) else None
     if walk.ungated[cls] is None:
         walk.skip(module, "MLP wiring not recognised")
         return
@@ -297,6 +315,63 @@ def _decoder_layers(walk_root: nn.Module) -> list[nn.Module]:
     models build attention and mixer layers from one class)."""
     lists = [m for m in walk_root.modules() if isinstance(m, nn.ModuleList) and len(m)]
     return list(max(lists, key=len)) if lists else []
+
+
+def other_towers(root: nn.Module, walk_root: nn.Module) -> list[nn.Module]:
+    """The largest submodules of ``root`` outside its language model ``walk_root`` (a composite model's vision
+    tower, projector, audio tower, output head); none when the language model is the whole model."""
+    if walk_root is root:
+        return []
+    inside = {id(m) for m in walk_root.modules()}
+    towers: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if id(child) in inside:
+                continue
+            if any(id(m) in inside for m in child.modules()):
+                visit(child)
+            else:
+                towers.append(child)
+
+    visit(root)
+    return towers
+
+
+def _patch_towers(root: nn.Module, walk_root: nn.Module, walk: _Walk) -> None:
+    """Walk the vision (and audio) towers of a composite model with the same recognisers and probes as the
+    language model, with the tower's own config; counted and reported in ``report.vision``."""
+    towers = [t for t in other_towers(root, walk_root) if any(True for _ in t.parameters())]
+    towers = (
+        [t for t in towers if t is not root.get_output_embeddings()]
+        if hasattr(root, "get_output_embeddings")
+        else towers
+    )
+    if not towers:
+        return
+    config = root.config
+    vision_config = getattr(config, "vision_config", None) or config
+    width = next(
+        (
+            getattr(vision_config, a)
+            for a in ("embed_dim", "hidden_size")
+            if isinstance(getattr(vision_config, a, None), int)
+        ),
+        None,
+    )
+    report = PatchReport(f"{walk.report.model_type} vision")
+    vision = _Walk(report=report, hidden_size=width, text=vision_config, norm_offset=0.0, dtype=walk.dtype,
+                   device=walk.device)  # fmt: skip
+    for tower in towers:
+        for module in list(tower.modules()):
+            try:
+                _patch_module(module, vision)
+            except Exception as exc:  # noqa: BLE001 - a block fastft cannot handle stays as it is
+                vision.skip(module, f"probe failed ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})")
+        for layer in _decoder_layers(tower):
+            for module in _unpatched_kinds(layer):
+                vision.skip(module, _reason(module))
+    walk.report.vision = report
 
 
 def _is_leaf_kind(module: nn.Module) -> bool:
@@ -396,6 +471,7 @@ def patch(model: nn.Module, *, fused_loss: bool = True) -> nn.Module:
     for layer in _decoder_layers(walk_root):
         for module in _unpatched_kinds(layer):
             walk.skip(module, _reason(module))
+    _patch_towers(root, walk_root, walk)
 
     if isinstance(root, layers.FastCausalLM) and not report.fused_loss:
         root.fastft_return_logits = True

@@ -240,6 +240,8 @@ def attention_layout(module: nn.Module) -> AttentionLayout | None:
         and isinstance(getattr(module, "head_dim", None), int)
     ):
         return AttentionLayout(o="c_proj", qkv="c_attn")  # GPT-2, GPT-BigCode: one fused q/k/v projection
+    if _is_module(module, "qkv") and _is_module(module, "proj") and isinstance(getattr(module, "head_dim", None), int):
+        return AttentionLayout(o="proj", qkv="qkv")  # ViT-style vision towers (Qwen2-VL / 2.5-VL / 3-VL, GLM-4V)
     o = next((n for n in ("o_proj", "dense", "out_proj") if _is_module(module, n)), None)  # Phi: dense
     if o is None:
         return None
@@ -543,9 +545,15 @@ def probe_layer_norm(module: nn.Module) -> LayerNormSpec | None:
 
 # ------------------------------------------------------------------------------------------------ non-gated MLP
 
-# (up, down) projection names of the non-gated MLPs transformers ships: GPT-2 / StarCoder2 / GPT-BigCode, Phi,
-# Nemotron / Apertus, GPT-NeoX / Falcon.
-_UNGATED_NAMES = (("c_fc", "c_proj"), ("fc1", "fc2"), ("up_proj", "down_proj"), ("dense_h_to_4h", "dense_4h_to_h"))
+# (up, down) projection names of the non-gated MLPs transformers ships: GPT-2 / StarCoder2 / GPT-BigCode, Phi and the
+# CLIP / SigLIP vision towers, Nemotron / Apertus, GPT-NeoX / Falcon, Qwen3-VL's vision tower.
+_UNGATED_NAMES = (
+    ("c_fc", "c_proj"),
+    ("fc1", "fc2"),
+    ("up_proj", "down_proj"),
+    ("dense_h_to_4h", "dense_4h_to_h"),
+    ("linear_fc1", "linear_fc2"),  # Qwen3-VL's vision tower
+)
 
 
 @dataclass(frozen=True)

@@ -33,21 +33,44 @@ from fastft.kernels.rope_interleaved import (
     gpt_oss_apply_rotary_pos_emb,
 )
 
-FUNCTION_NAMES = ("apply_rotary_pos_emb", "apply_rotary_pos_emb_interleave", "apply_rotary_emb")
+FUNCTION_NAMES = (
+    "apply_rotary_pos_emb",
+    "apply_rotary_pos_emb_interleave",
+    "apply_rotary_emb",
+    "apply_rotary_pos_emb_vision",  # Qwen2-VL / 2.5-VL / 3-VL and GLM-4V vision towers
+)
 
 ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("fastft_rope_active", default=False)
 
 
 def _rotate_half(q, k, cos, sin, unsqueeze_dim=1):
+    if unsqueeze_dim == 0 and cos.dim() == 2 and q.dim() == 4:
+        # Pixtral's vision tower: one (patches, D) table for every image of the batch
+        return rope(q, k, cos.unsqueeze(0), sin.unsqueeze(0))
     if unsqueeze_dim != 1:
         raise ValueError("fastft.kernels.rope takes heads-first q/k (unsqueeze_dim=1)")
     return rope(q, k, cos, sin)
 
 
+def _rotate_half_tokens_first(q, k, cos, sin):
+    """Qwen-VL vision towers' ``apply_rotary_pos_emb_vision``: q/k are (patches, heads, D), cos/sin (patches, D),
+    rotated in fp32 and returned in q's dtype. The kernel reads the same storage as a (1, heads, patches, D) view
+    (no copy) and computes in fp32 with one rounding, as transformers does here."""
+    if q.dim() != 3 or k.dim() != 3 or cos.dim() != 2:
+        raise ValueError("the vision rotary takes (patches, heads, head_dim) q/k and (patches, head_dim) cos/sin")
+    q_out, k_out = rope(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), cos[None], sin[None])
+    return q_out[0].transpose(0, 1), k_out[0].transpose(0, 1)
+
+
 def _rotate_half_one(x, cos, sin, unsqueeze_dim=1):
-    """Gemma 4's one-tensor form: x's heads rotated with a one-head k beside them (a sliver of extra work)."""
-    if unsqueeze_dim != 1 or x.dim() != 4:
-        raise ValueError("fastft.kernels.rope takes heads-first (B, H, T, D) tensors")
+    """Gemma 4's one-tensor form: x's heads rotated with a one-head k beside them (a sliver of extra work).
+    Gemma 4 calls it on heads-last (B, T, H, D) tensors (``unsqueeze_dim=2``), its vision tower once per image axis
+    on a slice of the head: the kernel reads them through a transposed view."""
+    if x.dim() != 4 or unsqueeze_dim not in (1, 2):
+        raise ValueError("fastft.kernels.rope takes (B, H, T, D) or, with unsqueeze_dim=2, (B, T, H, D) tensors")
+    if unsqueeze_dim == 2:
+        heads_first = x.transpose(1, 2)
+        return rope(heads_first, heads_first[:, :1], cos, sin)[0].transpose(1, 2)
     return rope(x, x[:, :1], cos, sin)[0]
 
 
@@ -118,6 +141,12 @@ def _one_tensor(head_dim: int, rot: int, dtype, device) -> tuple:
     return q, cos, sin
 
 
+def _tokens_first(head_dim: int, rot: int, dtype, device) -> tuple:
+    """Vision towers' (patches, heads, D) q/k with (patches, D) tables."""
+    q, k, cos, sin = _llama_table(head_dim, head_dim, dtype, device)
+    return q[0].transpose(0, 1), k[0].transpose(0, 1), cos[0], sin[0]
+
+
 CONVENTIONS = (
     Convention("rotate-half", _rotate_half, _llama_table),
     Convention("interleaved (GLM)", glm_apply_rotary_pos_emb, _llama_table),
@@ -130,6 +159,7 @@ CONVENTIONS = (
         "complex frequencies, heads last", _complex_heads_last, functools.partial(_complex_table, heads_last=True)
     ),
     Convention("rotate-half, one tensor", _rotate_half_one, _one_tensor),
+    Convention("rotate-half, tokens first in fp32 (Qwen-VL vision)", _rotate_half_tokens_first, _tokens_first),
 )
 
 
