@@ -168,6 +168,12 @@ def _chat_markers(processor: Any) -> tuple[str, str]:
     two = [*one, {"role": "assistant", "content": answer}]
     three = [*two, {"role": "user", "content": user2}]
     closed, reopened = render(two), render(three)
+    if answer not in closed or answer not in reopened or user2 not in reopened:
+        raise ValueError(
+            "train_on_responses_only=True: the chat template does not render an earlier assistant answer as it was "
+            "given, so the turn markers cannot be read off it; pass instruction_part=... and response_part=... (the "
+            "texts that open a user turn and an assistant answer)"
+        )
     between = reopened[reopened.index(answer) + len(answer) : reopened.index(user2)]
     terminator = closed[closed.index(answer) + len(answer) :]
     instruction = between[len(terminator) :] if between.startswith(terminator) and terminator else between
