@@ -135,6 +135,8 @@ def test_inference_and_both_saves_read_back_with_plain_libraries(tiny_vlm_dir, t
                                            use_gradient_checkpointing=False)  # fmt: skip
     batch = _batch(processor, n=1)
     batch.pop("labels")
+    FastVisionModel.for_training(model, use_gradient_checkpointing="unsloth")  # Unsloth's optional argument
+    assert model.training and not model.base_model.model.config.text_config.use_cache
     FastVisionModel.for_inference(model)
     assert model.base_model.model.config.use_cache and model.base_model.model.config.text_config.use_cache
     with torch.no_grad():
