@@ -26,12 +26,14 @@ from fastft.kernels.geglu import geglu
 from fastft.kernels.layer_norm import layer_norm
 from fastft.kernels.lora import lora_linear, lora_mlp, lora_qkv
 from fastft.kernels.lora_ungated_mlp import lora_ungated_mlp
+from fastft.kernels.mrope import mrope_tables
 from fastft.kernels.rms_norm import rms_norm
 from fastft.kernels.rms_norm_gated import rms_norm_gated
 from fastft.kernels.swiglu import swiglu
 from fastft.models.projections import read_projection
 from fastft.models.recognize import AttentionLayout, LayerNormSpec, MLPLayout, UngatedLayout, apply_dropout
 from fastft.models.rotary import ACTIVE as _ROPE_ACTIVE
+from fastft.models.rotary import TableLayout, table_positions
 from fastft.models.zero3 import gathered_head
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
@@ -216,6 +218,35 @@ class FastAttention:
         for module, out in zip(modules, outputs):
             module.__dict__["_fastft_pending"] = (x, out)
         return names
+
+
+# ------------------------------------------------------------------------------------------------ rotary tables
+
+
+def rotary_tables(module: nn.Module, layout: TableLayout, x: torch.Tensor, position_ids: torch.Tensor):
+    """The cos/sin tables of a multimodal rotary embedding module through :func:`fastft.kernels.mrope_tables`, or
+    None for a call its layout does not describe."""
+    found = table_positions(layout, position_ids)
+    if found is None:
+        return None
+    positions, lead = found
+    inv_freq = module.inv_freq.detach()
+    freq = inv_freq[layout.freq_index.to(inv_freq.device)].to(torch.float32)
+    scale = float(getattr(module, "attention_scaling", 1.0) or 1.0)
+    dtype = x.dtype if layout.cast else torch.float32
+    cos, sin = mrope_tables(positions, layout.axis.to(inv_freq.device), freq, scale, dtype)
+    return cos.view(*lead, -1), sin.view(*lead, -1)
+
+
+class FastRotaryTable:
+    """A Qwen-VL-style rotary embedding (the language model's M-RoPE sections, the vision tower's 2-D axes) whose
+    cos/sin tables come from one kernel launch over the integer positions."""
+
+    _fastft_table: TableLayout
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
+        tables = None if _has_values(args, kwargs) else rotary_tables(self, self._fastft_table, x, position_ids)
+        return super().forward(x, position_ids, *args, **kwargs) if tables is None else tables
 
 
 # ------------------------------------------------------------------------------------------------ causal-LM loss

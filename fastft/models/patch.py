@@ -63,6 +63,7 @@ class PatchReport:
     mlps: int = 0
     attentions: int = 0
     fused_loss: bool = False
+    tables: int = 0  # multimodal rotary embeddings whose cos/sin tables come from fastft.kernels.mrope
     head: HeadTransform | None = None
     skipped: dict[str, str] = field(default_factory=dict)
     vision: PatchReport | None = None  # the vision (and other non-language) towers of a composite model
@@ -72,12 +73,15 @@ class PatchReport:
             f"fastft: patched {self.model_type}: {self.norms} norms, {self.mlps} MLP, "
             f"{self.attentions} attention (fused LoRA projections, fastft RoPE), fused loss {'on' if self.fused_loss else 'off'}"
         )
+        if self.tables:
+            done = f"{done}, {self.tables} M-RoPE tables"
         if self.skipped:
             left = "; ".join(f"{kind} ({reason})" for kind, reason in sorted(self.skipped.items()))
             done = f"{done}; left on transformers' code: {left}"
         if self.vision is not None:
             v = self.vision
             done = f"{done}; vision tower: {v.norms} norms, {v.mlps} MLP, {v.attentions} attention"
+            done = f"{done}, {v.tables} rotary tables" if v.tables else done
             if v.skipped:
                 left = "; ".join(f"{kind} ({reason})" for kind, reason in sorted(v.skipped.items()))
                 done = f"{done}, left on transformers' code: {left}"
@@ -144,6 +148,7 @@ class _Walk:
     ungated: dict[type, object] = field(default_factory=dict)
     mlp_layouts: dict[type, object] = field(default_factory=dict)
     ropes: dict[type, dict[str, rotary.Convention | None]] = field(default_factory=dict)
+    tables: dict[type, rotary.TableLayout | None] = field(default_factory=dict)
 
     def skip(self, module: nn.Module, reason: str) -> None:
         self.report.skipped.setdefault(type(module).__name__, reason)
@@ -264,8 +269,27 @@ def _patch_attention(module: nn.Module, att: object, walk: _Walk) -> None:
     walk.report.attentions += 1
 
 
+def _patch_table(module: nn.Module, layout: rotary.TableLayout, walk: _Walk) -> None:
+    cls = type(module)
+    if cls not in walk.tables:
+        walk.tables[cls] = rotary.probe_table(module, layout, layers.rotary_tables)
+    if walk.tables[cls] is None:
+        walk.skip(module, "rotary table layout not recognised")
+        return
+    module._fastft_table = walk.tables[cls]
+    layers.swap_class(module, layers.FastRotaryTable)
+    walk.report.tables += 1
+
+
 def _patch_module(module: nn.Module, walk: _Walk) -> None:
     """Recognise, probe and swap one module (or leave it, with the reason, if any step disagrees)."""
+    if isinstance(module, layers.FastRotaryTable):
+        walk.report.tables += 1
+        return
+    table = rotary.table_layout(module)
+    if table is not None:
+        _patch_table(module, table, walk)
+        return
     if isinstance(module, (layers.FastGatedMLP, layers.FastUngatedMLP)):
         walk.report.mlps += 1
         return

@@ -19,9 +19,10 @@ import contextvars
 import functools
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
 from fastft.kernels.rope import rope
 from fastft.kernels.rope_interleaved import (
@@ -228,3 +229,103 @@ def install(attention_class: type, name: str, convention: Convention) -> None:
     dispatch.__doc__ = original.__doc__
     dispatch.__name__ = getattr(original, "__name__", name)
     setattr(home, name, dispatch)
+
+
+# ------------------------------------------------------------------------------------------------ rotary tables
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """How a multimodal rotary embedding module builds its cos/sin tables (:mod:`fastft.kernels.mrope`): per table
+    column the position axis and the index into the module's ``inv_freq``. ``kind`` is "text" (positions (A, B, T)
+    or (B, T), tables (B, T, 2H) in x's dtype) or "vision" (positions (N, A), fp32 tables (N, 2H))."""
+
+    kind: str
+    n_axes: int
+    axis: torch.Tensor
+    freq_index: torch.Tensor
+    cast: bool = True  # the tables come back in x's dtype (the text models) rather than fp32 (the vision towers)
+
+
+# The frequency layouts ``recomposition_frequencies`` takes: the language model's (axes, batch, seq, F) and the
+# vision tower's (patches, axes, F).
+_TABLE_KINDS = (("text", (3, 1, 1), 0), ("vision", (1, 2), 1))
+
+
+def table_layout(module: nn.Module) -> TableLayout | None:
+    """The column map of a Qwen-VL-style rotary embedding (an ``inv_freq`` buffer and a
+    ``recomposition_frequencies`` method that gathers per-axis frequencies into the table), learned by running that
+    method on frequencies that encode (axis, index) in their values; None for any other module."""
+    recompose = getattr(module, "recomposition_frequencies", None)
+    inv_freq = getattr(module, "inv_freq", None)
+    rope_type = str(getattr(module, "rope_type", "default"))
+    if not callable(recompose) or not isinstance(inv_freq, torch.Tensor) or inv_freq.dim() != 1:
+        return None
+    if "dynamic" in rope_type or rope_type == "longrope":
+        return None  # frequencies that change with the sequence length: transformers' forward keeps them right
+    width = inv_freq.shape[0]
+    for kind, lead, axis_dim in _TABLE_KINDS:
+        n_axes = lead[axis_dim]
+        codes = (torch.arange(n_axes, dtype=torch.float64)[:, None] * width + torch.arange(width)).reshape(
+            *lead[:axis_dim], n_axes, *lead[axis_dim + 1 :], width
+        )
+        try:
+            out = recompose(codes.clone())
+        except Exception:  # noqa: BLE001, S112 - another layout: try the next
+            continue
+        if not isinstance(out, torch.Tensor) or out.numel() % 2:
+            continue
+        out = out.reshape(-1)
+        half = out.numel() // 2
+        first = out[:half]
+        valid = torch.equal(first, out[half:]) and bool((first >= 0).all()) and bool((first < n_axes * width).all())
+        if valid and torch.equal(first, first.round()):
+            index = first.long()
+            return TableLayout(kind, n_axes, index // width, index % width)
+    return None
+
+
+def table_positions(layout: TableLayout, position_ids: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]] | None:
+    """``position_ids`` as the (axes, tokens) the kernel reads and the leading shape of the tables, or None for a
+    call the layout does not describe (transformers' forward runs it)."""
+    if layout.kind == "vision":
+        if position_ids.dim() != 2 or position_ids.shape[1] != layout.n_axes:
+            return None
+        return position_ids.transpose(0, 1), (position_ids.shape[0],)
+    if position_ids.dim() == 2:
+        position_ids = position_ids[None]
+    if position_ids.dim() != 3 or position_ids.shape[0] not in (1, layout.n_axes):
+        return None
+    position_ids = position_ids.expand(layout.n_axes, -1, -1)
+    return position_ids.flatten(1), tuple(position_ids.shape[1:])
+
+
+def _probe_positions(layout: TableLayout, gen: torch.Generator) -> torch.Tensor:
+    if layout.kind == "vision":
+        return torch.randint(0, 64, (37, layout.n_axes), generator=gen)
+    return torch.randint(0, 4096, (layout.n_axes, 2, 19), generator=gen)
+
+
+def probe_table(module: nn.Module, layout: TableLayout, fast: Callable) -> TableLayout | None:
+    """``layout`` (with whether the tables come back in x's dtype) when ``fast(module, x, position_ids)`` computes
+    what the module's forward computes on random positions, else None."""
+    inv_freq = module.inv_freq
+    if inv_freq.is_meta:
+        return layout
+    gen = torch.Generator().manual_seed(1234)
+    positions = _probe_positions(layout, gen).to(inv_freq.device)
+    shape = (*positions.shape[1:], 1) if layout.kind == "text" else (positions.shape[0], 1)
+    with torch.no_grad():
+        try:
+            low = module(torch.zeros(shape, dtype=torch.bfloat16, device=inv_freq.device), positions)
+            layout = replace(layout, cast=low[0].dtype == torch.bfloat16)
+            x = torch.zeros(shape, dtype=torch.float32, device=inv_freq.device)
+            want, got = module(x, positions), fast(module, layout, x, positions)
+        except Exception:  # noqa: BLE001 - not callable as the layout says: leave it
+            return None
+    tol = 8 * torch.finfo(torch.float32).eps  # cos/sin of the same fp32 angles by two libraries
+    agree = all(
+        isinstance(g, torch.Tensor) and g.shape == w.shape and g.dtype == w.dtype and torch.allclose(g, w, atol=tol)
+        for g, w in zip(got, want, strict=True)
+    )
+    return layout if agree else None
