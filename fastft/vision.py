@@ -91,6 +91,13 @@ def _open_image(image: Any, sample: int, index: int) -> Any:
     )
 
 
+def _describe(image: Any) -> str:
+    """``"W x H RGB"`` for a PIL image, ``"array of shape (...)"`` otherwise."""
+    if hasattr(image, "mode") and isinstance(getattr(image, "size", None), tuple):
+        return f"{image.size[0]} x {image.size[1]} {image.mode}"
+    return f"array of shape {tuple(getattr(image, 'shape', ()))}"
+
+
 def _split_images(example: dict, sample: int) -> tuple[list[dict], list[Any]]:
     """The sample's messages with every image entry reduced to ``{"type": "image"}``, and its images in order."""
     if not isinstance(example, dict) or not isinstance(example.get("messages"), list) or not example["messages"]:
@@ -161,6 +168,12 @@ def _chat_markers(processor: Any) -> tuple[str, str]:
     two = [*one, {"role": "assistant", "content": answer}]
     three = [*two, {"role": "user", "content": user2}]
     closed, reopened = render(two), render(three)
+    if answer not in closed or answer not in reopened or user2 not in reopened:
+        raise ValueError(
+            "train_on_responses_only=True: the chat template does not render an earlier assistant answer as it was "
+            "given, so the turn markers cannot be read off it; pass instruction_part=... and response_part=... (the "
+            "texts that open a user turn and an assistant answer)"
+        )
     between = reopened[reopened.index(answer) + len(answer) : reopened.index(user2)]
     terminator = closed[closed.index(answer) + len(answer) :]
     instruction = between[len(terminator) :] if between.startswith(terminator) and terminator else between
@@ -290,7 +303,7 @@ class VisionDataCollator:
                 try:
                     self.processor(text=[text], images=[sample_images] if sample_images else None, **kwargs)
                 except Exception as own:
-                    sizes = [f"{getattr(im, 'size', None) or tuple(getattr(im, 'shape', ()))}" for im in sample_images]
+                    sizes = [_describe(image) for image in sample_images]
                     raise ValueError(
                         f"sample {i}: the {type(self.processor).__name__} rejected it (its images: {', '.join(sizes) or 'none'}): "
                         f"{type(own).__name__}: {own}"

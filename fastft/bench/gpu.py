@@ -1,6 +1,6 @@
 """The one-shot GPU suite: ``python -m fastft.bench gpu --out DIR`` measures everything we want to know in one go.
 
-Seven parts, run in this order, each in its own Python process with its own time budget (the process group is
+Eight parts, run in this order, each in its own Python process with its own time budget (the process group is
 killed when the budget is spent: the part is recorded ``timeout`` with whatever it had saved, and the next part
 starts; a part that finishes early passes its unused seconds on to the next one, so the total never exceeds the sum
 of the budgets, 500 s by default, under the 9 minutes the run may take):
@@ -11,7 +11,7 @@ of the budgets, 500 s by default, under the 9 minutes the run may take):
 - ``kernels`` (130 s): every fastft kernel's forward / backward time at the audit shapes against the PyTorch
   formula, torch.compile and Liger Kernel (:mod:`fastft.bench.kernels`), with its bytes model as a fraction of the
   measured copy bandwidth and its error against float64;
-- ``lora_step`` (190 s): one LoRA training step (r=16 on the seven projections, AdamW) at Llama-3.1-8B's real
+- ``lora_step`` (170 s): one LoRA training step (r=16 on the seven projections, AdamW) at Llama-3.1-8B's real
   dimensions with random weights, batch 1 x 4096 random tokens, bf16 and 4-bit NF4 (bitsandbytes), for plain
   transformers + PEFT, Liger and fastft (:func:`fastft.bench.step.build_model`), each configuration in its own
   process: tokens/s (steps after the first), MFU and peak memory (``max_memory_allocated``, weights included);
@@ -26,11 +26,16 @@ of the budgets, 500 s by default, under the 9 minutes the run may take):
 - ``grpo_loss_step`` (30 s): one GRPO loss step at Llama-3.1-8B's head dimensions (8 completions x 1024 tokens:
   policy log-probs with grad, reference log-probs under ``no_grad``, clipped surrogate + KL, backward) through fastft,
   TRL's chunked function and full logits: step time and peak memory;
-- ``max_context`` (70 s): the longest sequence one training step fits in under an 80 GB (80e9 bytes) cap
+- ``max_context`` (60 s): the longest sequence one training step fits in under an 80 GB (80e9 bytes) cap
   (``set_per_process_memory_fraction``; an OOM or a peak above the cap does not fit), per contender in its
   memory-saving mode (plain and Liger with transformers' checkpointing, fastft with offloaded checkpointing):
   doubling from 4096, then bisecting; a probe that would not end within the part's budget is not started, and the
-  answer says "time budget" instead of a failing length.
+  answer says "time budget" instead of a failing length;
+- ``vlm_step`` (30 s, its seconds taken from ``lora_step`` 20 and ``max_context`` 10; ``moe_step``'s came from
+  ``kernels`` 20 and ``lora_step`` 10): one
+  vision-language LoRA training step at Qwen2.5-VL-7B's dimensions with 4 decoder layers and 4 vision blocks, one
+  image of 1024 visual tokens plus 512 text tokens, LoRA r=16 on vision and language layers, for plain transformers
+  + PEFT, fastft and fastft with offloaded checkpointing (:mod:`fastft.bench.vlm`): tokens/s and peak memory.
 
 MFU counts model FLOPs, not hardware FLOPs (recomputation by checkpointing is not counted), over the measured bf16
 matmul rate. Per trained token of a sequence of S tokens: ``4 N + 6 N_lora + 6 L Hq D S`` where N is the frozen
@@ -83,15 +88,16 @@ from fastft.bench.gpu_report import DEFAULT_RESULTS, MARKERS, markdown, memory_b
 
 __all__ = ["BUDGETS_S", "MARKERS", "PARTS", "main", "markdown", "readme_table", "run_suite", "update_readme"]
 
-PARTS = ("device", "kernels", "lora_step", "moe_step", "logprob_head", "grpo_loss_step", "max_context")
+PARTS = ("device", "kernels", "lora_step", "moe_step", "logprob_head", "grpo_loss_step", "max_context", "vlm_step")
 BUDGETS_S = {
     "device": 20.0,
     "kernels": 130.0,
-    "lora_step": 190.0,
+    "lora_step": 170.0,
     "moe_step": 30.0,
     "logprob_head": 30.0,
     "grpo_loss_step": 30.0,
-    "max_context": 70.0,
+    "max_context": 60.0,
+    "vlm_step": 30.0,
 }
 DRY_RUN_BUDGETS_S = {
     "device": 20.0,
@@ -101,6 +107,7 @@ DRY_RUN_BUDGETS_S = {
     "max_context": 40.0,
     "logprob_head": 30.0,
     "grpo_loss_step": 30.0,
+    "vlm_step": 60.0,  # importing transformers' Qwen2.5-VL and PEFT takes 10-30 s of it on a busy CPU
 }
 CAP_BYTES = 80 * 10**9  # "80 GB": what an 80 GB card leaves a training process, with room for the CUDA context
 

@@ -117,7 +117,9 @@ def tiny_llava(seed: int = 0, processor: Any | None = None, attn_implementation:
     )  # fmt: skip
     config = LlavaConfig(
         vision_config=vision,
-        text_config=LlamaConfig(**_TEXT, **_token_ids(tokenizer)),
+        # Weights drawn 5x wider than Llama's 0.02: at hidden 64 a 0.02 head can move a logit by about 1, and the
+        # answers could then not be learned past a loss of ~6.5 without training the head.
+        text_config=LlamaConfig(**_TEXT, **_token_ids(tokenizer), initializer_range=0.1),
         image_token_index=tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
@@ -132,6 +134,7 @@ def tiny_llava(seed: int = 0, processor: Any | None = None, attn_implementation:
 def tiny_qwen2_vl_processor() -> Any:
     """A Qwen2-VL processor built offline for images only: the embedded tokenizer + Qwen2-VL's image tokens and
     Qwen2-VL's PIL image processor at patch 4 / merge 2 (16 x 16 images are 4 x 4 patches, merged into 4 tokens).
+    Its tokenizer adds no bos token by itself (as Qwen's), only the chat template does.
 
     transformers builds ``Qwen2VLProcessor`` with a video processor, which needs torchvision; this subclass has
     none (videos are not supported by it), so it also works where torchvision is not installed. It is built in
@@ -148,9 +151,13 @@ def tiny_qwen2_vl_processor() -> Any:
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2, min_pixels=side * side, max_pixels=(4 * side) ** 2
     )
+    tokenizer = _tokenizer(QWEN_IMAGE_TOKENS)
+    # Like Qwen's own tokenizers, it adds no bos of its own (the chat template writes it): TRL's GRPOTrainer tokenises
+    # image prompts twice, once with and once without special tokens, and needs both to be the same length.
+    tokenizer.add_bos_token = False
     return ImageQwen2VLProcessor(
         image_processor=image_processor,
-        tokenizer=_tokenizer(QWEN_IMAGE_TOKENS),
+        tokenizer=tokenizer,
         chat_template=chat_template(QWEN_PLACEHOLDER),
     )
 

@@ -38,6 +38,7 @@ import transformers
 from torch import nn
 
 from fastft.models import fast_model as _fm
+from fastft.models.checkpointing import normalize_checkpointing_mode, set_checkpointing
 from fastft.models.fast_model import FastModel
 from fastft.models.patch import causal_lm, language_model, text_config
 
@@ -324,10 +325,15 @@ class FastVisionModel(FastModel):
         )
 
     @staticmethod
-    def for_training(model: nn.Module) -> nn.Module:
-        """Training mode: ``model.train()`` and no KV cache (on the root config and the text config). Returns it."""
+    def for_training(model: nn.Module, use_gradient_checkpointing: bool | str | None = None) -> nn.Module:
+        """Training mode: ``model.train()`` and no KV cache (on the root config and the text config). Returns it.
+
+        ``use_gradient_checkpointing`` (Unsloth's optional argument): None keeps the mode ``get_peft_model`` set;
+        False, True, "unsloth" or "offload" switches to that mode."""
         model.train()
         _set_use_cache(model, False)
+        if use_gradient_checkpointing is not None:
+            set_checkpointing(model, normalize_checkpointing_mode(use_gradient_checkpointing))
         return model
 
     @staticmethod

@@ -135,6 +135,8 @@ def test_inference_and_both_saves_read_back_with_plain_libraries(tiny_vlm_dir, t
                                            use_gradient_checkpointing=False)  # fmt: skip
     batch = _batch(processor, n=1)
     batch.pop("labels")
+    FastVisionModel.for_training(model, use_gradient_checkpointing="unsloth")  # Unsloth's optional argument
+    assert model.training and not model.base_model.model.config.text_config.use_cache
     FastVisionModel.for_inference(model)
     assert model.base_model.model.config.use_cache and model.base_model.model.config.text_config.use_cache
     with torch.no_grad():
@@ -177,3 +179,26 @@ def test_exported_from_fastft_and_patch_recognises_user_built_vlms():
     assert fastft.FastVisionModel is FastVisionModel
     model = fastft.patch(va.tiny_qwen2_vl())
     assert model.fastft_report.fused_loss and model.fastft_report.attentions == 2
+
+
+def test_4bit_base_trains_and_merges_to_a_plain_checkpoint(tiny_vlm_dir, tmp_path):
+    """QLoRA on a VLM: both towers' projections load as bitsandbytes NF4, adapters train on both, and the merged
+    checkpoint is a plain one (dequantised, no quantization_config)."""
+    from fastft.vision import VisionDataCollator
+
+    model, processor = FastVisionModel.from_pretrained(tiny_vlm_dir, max_seq_length=128, load_in_4bit=True)
+    assert type(model.model.language_model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert type(model.model.vision_tower.encoder.layers[0].mlp.fc1).__name__ == "Linear4bit"
+    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False,
+                                           use_gradient_checkpointing=False)  # fmt: skip
+    batch = VisionDataCollator(model, processor)(va.image_examples(2))
+    FastVisionModel.for_training(model)
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n and "vision_tower" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    model.save_pretrained_merged(tmp_path / "merged", processor)
+    merged = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
+    assert getattr(merged.config, "quantization_config", None) is None
+    assert type(merged.model.vision_tower.encoder.layers[0].mlp.fc1) is nn.Linear
