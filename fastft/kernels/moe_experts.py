@@ -34,9 +34,12 @@ adapter (``disable_adapter()``) is simply ``lora=None``. For the interleaved lay
 the parameter's own (interleaved) order, as PEFT's.
 
 Dtypes: hidden, gate_up, down and the biases share one dtype (bf16/fp16/fp32, float64 on the torch path);
-top_k_weights and the LoRA factors may be any float dtype. GEMMs accumulate in fp32; gu and the gate are
-computed in fp32 and h is rounded once to the hidden dtype (transformers rounds gu, too); the per-pair outputs
-``w_p y_p`` are summed over k in fp32 and rounded once, as transformers' ``grouped_mm`` path.
+top_k_weights and the LoRA factors may be any float dtype (gradients come back in each tensor's dtype). GEMMs
+accumulate in fp32; gu and the gate are computed in fp32 and h is rounded once to the hidden dtype (transformers
+rounds gu to it first: one rounding more); the per-pair outputs ``w_p y_p`` are summed over k in fp32 and rounded
+once, as transformers' ``grouped_mm`` path. A LoRA A enters its GEMM rounded to the hidden dtype (PEFT's
+ParamWrapper casts both factors to the parameter's dtype); the (rows, r) product meets B in fp32. Under
+``torch.autocast`` the GEMM operands are cast to the autocast dtype first, as ``F.linear`` would be.
 
 How (the Triton path, :mod:`fastft.kernels.grouped_matmul`): the T K pairs are sorted by expert on device
 (stable argsort, bincount, cumsum; no host sync), so each expert's rows are contiguous; a fixed-size grid of
@@ -75,7 +78,6 @@ import torch.nn.functional as F
 
 from fastft.kernels import grouped_matmul as gm
 from fastft.kernels._dispatch import use_triton
-from fastft.kernels._spec import AuditCase
 
 GATED_ACTS = ("silu", "gelu_tanh", "gelu", "gpt_oss")
 UNGATED_ACTS = ("silu", "gelu_tanh", "gelu", "relu", "relu2")
@@ -217,8 +219,13 @@ def _check(
     def fail(msg: str):
         raise ValueError(f"moe_experts: {msg}")
 
-    for name, t in (("hidden", hidden), ("top_k_index", top_k_index), ("top_k_weights", top_k_weights),
-                    ("gate_up", gate_up), ("down", down)):
+    for name, t in (
+        ("hidden", hidden),
+        ("top_k_index", top_k_index),
+        ("top_k_weights", top_k_weights),
+        ("gate_up", gate_up),
+        ("down", down),
+    ):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"moe_experts: {name} must be a torch.Tensor, got {type(t).__name__}")
     if hidden.dim() != 2:
@@ -251,10 +258,7 @@ def _check(
             f"(layout {layout}; pass transposed={not transposed} if the stacks are stored the other way)"
         )
     if gu_out != (2 * d_in if gated else d_in):
-        fail(
-            f"gate_up's output size {gu_out} is not {'2 x ' if gated else ''}down's input size {d_in} "
-            f"(gated={gated})"
-        )
+        fail(f"gate_up's output size {gu_out} is not {'2 x ' if gated else ''}down's input size {d_in} (gated={gated})")
     for name, b, n in (("gate_up_bias", gate_up_bias, gu_out), ("down_bias", down_bias, H)):
         if b is not None and (b.shape != (E, n) or b.dtype != hidden.dtype):
             fail(f"{name} must be ({E}, {n}) of dtype {hidden.dtype}, got {_shape(b)} {b.dtype}")
@@ -277,8 +281,15 @@ def _check(
                 fail(f"lora.{proj}_A and lora.{proj}_B must be given together")
             if A is None:
                 continue
-            if A.dim() != 3 or B.dim() != 3 or A.shape[0] != E or B.shape[0] != E or A.shape[2] != n_in \
-                    or B.shape[1] != n_out or A.shape[1] != B.shape[2]:
+            if (
+                A.dim() != 3
+                or B.dim() != 3
+                or A.shape[0] != E
+                or B.shape[0] != E
+                or A.shape[2] != n_in
+                or B.shape[1] != n_out
+                or A.shape[1] != B.shape[2]
+            ):
                 fail(
                     f"lora.{proj}_A {_shape(A)} / lora.{proj}_B {_shape(B)} must be (E={E}, r, {n_in}) and "
                     f"(E={E}, {n_out}, r); peft_factors() builds them from PEFT's lora_A/lora_B weights"
@@ -312,8 +323,9 @@ class MoEExpertsFunction(torch.autograd.Function):
     """Forward and hand-derived backward of :func:`moe_experts` (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, cfg: _Config, hidden, top_k_index, top_k_weights, gate_up, down, gu_bias, d_bias,
-                gu_A, gu_B, d_A, d_B):
+    def forward(
+        ctx, cfg: _Config, hidden, top_k_index, top_k_weights, gate_up, down, gu_bias, d_bias, gu_A, gu_B, d_A, d_B
+    ):
         ops = gm.ops(cfg.triton)
         T, K = top_k_index.shape
         E = gate_up.shape[0]
@@ -323,18 +335,25 @@ class MoEExpertsFunction(torch.autograd.Function):
         w_sorted = top_k_weights.reshape(-1)[routing.order]
         lora_gu = gm.LoRAFactors(gu_A, gu_B, cfg.gu_scaling) if gu_A is not None else None
         lora_d = gm.LoRAFactors(d_A, d_B, cfg.d_scaling) if d_A is not None else None
-        h = ops.grouped_mm(hidden, routing, w_gu, gather=True, bias=gu_bias, lora=lora_gu, gate=cfg.gate,
-                           out_dtype=hidden.dtype)
-        y_pairs = ops.grouped_mm(h, routing, w_d, bias=d_bias, lora=lora_d, row_scale=w_sorted, scatter=True,
-                                 out_dtype=acc)
-        out = y_pairs.view(T, K, -1).sum(dim=1).to(hidden.dtype)
+        h = ops.grouped_mm(
+            hidden, routing, w_gu, gather=True, bias=gu_bias, lora=lora_gu, gate=cfg.gate, out_dtype=hidden.dtype
+        )
+        y_pairs = ops.grouped_mm(
+            h, routing, w_d, bias=d_bias, lora=lora_d, row_scale=w_sorted, scatter=True, out_dtype=acc
+        )
+        out = y_pairs.view(T, K, hidden.shape[1]).sum(dim=1).to(hidden.dtype)
         ctx.cfg = cfg
-        ctx.save_for_backward(hidden, top_k_index, top_k_weights, gate_up, down, gu_bias, d_bias,
-                              gu_A, gu_B, d_A, d_B)
+        ctx.save_for_backward(hidden, top_k_index, top_k_weights, gate_up, down, gu_bias, d_bias, gu_A, gu_B, d_A, d_B)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        # Autocast may be on around .backward() (the forward's own ops had it off): keep it off here too.
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return MoEExpertsFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         cfg = ctx.cfg
         hidden, top_k_index, top_k_weights, gate_up, down, gu_bias, d_bias, gu_A, gu_B, d_A, d_B = ctx.saved_tensors
         needs = ctx.needs_input_grad
@@ -369,8 +388,9 @@ class MoEExpertsFunction(torch.autograd.Function):
         # Down projection: left operand w_p g_t (gathered, scaled), right operand h_p.
         if needs[5]:
             d_down = torch.empty_like(down)
-            ops.grouped_wgrad(g, h, routing, _views(d_down, d_down, cfg.transposed)[1], left_gather=True,
-                              left_scale=w_sorted)
+            ops.grouped_wgrad(
+                g, h, routing, _views(d_down, d_down, cfg.transposed)[1], left_gather=True, left_scale=w_sorted
+            )
             grads_w["down"] = d_down
         if needs[7]:
             grads_w["d_bias"] = ops.segment_sum(g, routing, gather=True, row_scale=w_sorted).to(d_bias.dtype)
@@ -381,8 +401,7 @@ class MoEExpertsFunction(torch.autograd.Function):
                 ops.grouped_wgrad(g, ha, routing, dB, left_gather=True, left_scale=w_sorted, scaling=cfg.d_scaling)
                 grads_w["d_B"] = dB.to(d_B.dtype)
             if needs[10]:  # dAd_e = s sum (w g Bd)^T h
-                gb = ops.grouped_mm(g, routing, d_B.transpose(1, 2), gather=True, row_scale=w_sorted,
-                                    out_dtype=acc)
+                gb = ops.grouped_mm(g, routing, d_B.transpose(1, 2), gather=True, row_scale=w_sorted, out_dtype=acc)
                 dA = torch.empty(d_A.shape, dtype=acc, device=g.device)
                 ops.grouped_wgrad(gb, h, routing, dA, scaling=cfg.d_scaling)
                 grads_w["d_A"] = dA.to(d_A.dtype)
@@ -390,16 +409,15 @@ class MoEExpertsFunction(torch.autograd.Function):
 
         d_hidden = None
         if needs[1]:
-            lora_gu_t = (gm.LoRAFactors(gu_B.transpose(1, 2), gu_A.transpose(1, 2), cfg.gu_scaling)
-                         if gu_A is not None else None)
-            dx_pairs = ops.grouped_mm(dgu, routing, w_gu.transpose(1, 2), lora=lora_gu_t, scatter=True,
-                                      out_dtype=acc)
-            d_hidden = dx_pairs.view(T, K, -1).sum(dim=1).to(dtype)
+            lora_gu_t = (
+                gm.LoRAFactors(gu_B.transpose(1, 2), gu_A.transpose(1, 2), cfg.gu_scaling) if gu_A is not None else None
+            )
+            dx_pairs = ops.grouped_mm(dgu, routing, w_gu.transpose(1, 2), lora=lora_gu_t, scatter=True, out_dtype=acc)
+            d_hidden = dx_pairs.view(T, K, hidden.shape[1]).sum(dim=1).to(dtype)
             del dx_pairs
         if needs[4]:
             d_gate_up = torch.empty_like(gate_up)
-            ops.grouped_wgrad(dgu, hidden, routing, _views(d_gate_up, d_gate_up, cfg.transposed)[0],
-                              right_gather=True)
+            ops.grouped_wgrad(dgu, hidden, routing, _views(d_gate_up, d_gate_up, cfg.transposed)[0], right_gather=True)
             grads_w["gate_up"] = d_gate_up
         if needs[6]:
             grads_w["gu_bias"] = ops.segment_sum(dgu, routing).to(gu_bias.dtype)
@@ -414,9 +432,20 @@ class MoEExpertsFunction(torch.autograd.Function):
                 dA = torch.empty(gu_A.shape, dtype=acc, device=g.device)
                 ops.grouped_wgrad(db_, hidden, routing, dA, right_gather=True, scaling=cfg.gu_scaling)
                 grads_w["gu_A"] = dA.to(gu_A.dtype)
-        return (None, d_hidden, None, d_router, grads_w.get("gate_up"), grads_w.get("down"),
-                grads_w.get("gu_bias"), grads_w.get("d_bias"), grads_w.get("gu_A"), grads_w.get("gu_B"),
-                grads_w.get("d_A"), grads_w.get("d_B"))
+        return (
+            None,
+            d_hidden,
+            None,
+            d_router,
+            grads_w.get("gate_up"),
+            grads_w.get("down"),
+            grads_w.get("gu_bias"),
+            grads_w.get("d_bias"),
+            grads_w.get("gu_A"),
+            grads_w.get("gu_B"),
+            grads_w.get("d_A"),
+            grads_w.get("d_B"),
+        )
 
 
 def moe_experts(
@@ -446,18 +475,124 @@ def moe_experts(
     sync; ``validate=False`` skips it, for callers that guarantee it). CUDA tensors (or CPU tensors under
     ``TRITON_INTERPRET=1``) run the Triton kernels, others the torch path with the same backward.
     """
-    _check(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, act, gated, transposed,
-           limit, lora)
+    device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
+        # As F.linear under torch.autocast (an HF Trainer with bf16=True on an fp32 model): the GEMM operands are
+        # cast to the autocast dtype (autograd ops, so fp32 masters get fp32 gradients) and the Function runs with
+        # autocast off. The router weights multiply outputs elementwise (no autocast there): left as they are.
+        low = torch.get_autocast_dtype(device_type)
+
+        def cast(t):
+            return (
+                t.to(low) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+            )
+
+        hidden, gate_up, down, gate_up_bias, down_bias = map(cast, (hidden, gate_up, down, gate_up_bias, down_bias))
+        if lora is not None:
+            lora = MoELoRA(
+                cast(lora.gate_up_A),
+                cast(lora.gate_up_B),
+                lora.gate_up_scaling,
+                cast(lora.down_A),
+                cast(lora.down_B),
+                lora.down_scaling,
+            )
+    _check(
+        hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, act, gated, transposed, limit, lora
+    )
     if validate:
         _check_index_range(top_k_index, gate_up.shape[0])
     lora = lora or MoELoRA()
     cfg = _Config(
-        gate=gm.GateSpec(act=act, gated=gated, interleaved=interleaved, alpha=float(alpha),
-                         limit=None if limit is None else float(limit)),
+        gate=gm.GateSpec(
+            act=act,
+            gated=gated,
+            interleaved=interleaved,
+            alpha=float(alpha),
+            limit=None if limit is None else float(limit),
+        ),
         transposed=transposed,
         gu_scaling=float(lora.gate_up_scaling),
         d_scaling=float(lora.down_scaling),
         triton=use_triton(hidden) and hidden.dtype != torch.float64,
     )
-    return MoEExpertsFunction.apply(cfg, hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias,
-                                    down_bias, lora.gate_up_A, lora.gate_up_B, lora.down_A, lora.down_B)
+    with torch.autocast(device_type, enabled=False):
+        return MoEExpertsFunction.apply(
+            cfg,
+            hidden,
+            top_k_index,
+            top_k_weights,
+            gate_up,
+            down,
+            gate_up_bias,
+            down_bias,
+            lora.gate_up_A,
+            lora.gate_up_B,
+            lora.down_A,
+            lora.down_B,
+        )
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def bytes_and_flops(
+    tokens: int,
+    hidden: int,
+    intermediate: int,
+    experts: int,
+    top_k: int,
+    *,
+    itemsize: int = 2,
+    rank: int = 0,
+    full: bool = True,
+    bias: bool = False,
+) -> dict[str, int]:
+    """Bytes and FLOPs of one :func:`moe_experts` call (gated experts), forward and backward.
+
+    ``rank``: LoRA rank on both projections (0: none); ``full``: expert weights get gradients (full
+    fine-tuning) or not (LoRA on a frozen base). Bytes are what this implementation's launches must move at
+    the least (every expert receives tokens at these shapes): weights once per GEMM, activations per pair;
+    the (TK, I) intermediates it writes and reads back between launches are counted, since the design keeps
+    them in memory between kernels (not between forward and backward). FLOPs count 2 per multiply-add.
+    """
+    T, H, I, E, K, s = tokens, hidden, intermediate, experts, top_k, itemsize
+    S = T * K
+    w_gu, w_d = E * 2 * I * H * s, E * H * I * s
+    lora_w = E * rank * (H + 2 * I + I + H) * s
+    fwd_bytes = (
+        S * H * s
+        + w_gu
+        + S * I * s  # gate/up: gathered x rows, weights, write h
+        + S * I * s
+        + w_d
+        + S * H * 4
+        + S * H * 4  # down: read h, weights, write fp32 pairs; the k-sum reads them
+        + T * H * s
+        + lora_w
+        + (E * (3 * I + H) * s if bias else 0)
+    )
+    bwd_bytes = (
+        S * H * s
+        + w_gu
+        + S * 2 * I * 4  # recompute gu (fp32)
+        + S * H * s
+        + w_d
+        + S * I * 4  # gh
+        + S * 3 * I * 4
+        + S * I * s
+        + S * 2 * I * s  # gate backward: read gu, gh; write h, dgu
+        + S * 2 * I * s
+        + w_gu
+        + 2 * S * H * 4
+        + T * H * s  # dx per pair (fp32), the k-sum, dx
+        + (S * H * s + S * I * s + w_d + S * 2 * I * s + S * H * s + w_gu if full else 0)  # dW_d, dW_gu
+        + 4 * lora_w
+    )
+    gemm = 2 * S * H * I  # one (S, H) x (H, I) product
+    fwd_flops = 3 * gemm + 2 * S * rank * (2 * H + 3 * I) * 2 if rank else 3 * gemm
+    bwd_flops = (2 + 1 + 2 + (3 if full else 0)) * gemm  # recompute gu (2), gh (1), dx (2), dW (3)
+    if rank:
+        bwd_flops += 2 * S * rank * (2 * H + 3 * I) * 6
+    return {"fwd_bytes": fwd_bytes, "bwd_bytes": bwd_bytes, "fwd_flops": fwd_flops, "bwd_flops": bwd_flops}
