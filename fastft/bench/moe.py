@@ -43,7 +43,7 @@ LABELS = {
 }
 MODES = ("lora", "full")
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
+EXPERT_PARAMETERS = ("gate_up_proj", "up_proj", "down_proj")
 _EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 

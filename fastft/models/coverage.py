@@ -255,7 +255,7 @@ def _lora_twins(base, inputs):
             # Routed experts' 3-D weights are parameters, not modules: PEFT adapts them with target_parameters.
             expert_params = sorted(
                 {n.rsplit(".", 1)[-1] for n, p in base.named_parameters() if p.dim() == 3}
-                & {"gate_up_proj", "down_proj"}
+                & {"gate_up_proj", "up_proj", "down_proj"}
             )
             config = peft.LoraConfig(
                 r=4,

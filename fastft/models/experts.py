@@ -42,9 +42,13 @@ from fastft.kernels.moe_experts import MoELoRA, moe_experts
 logger = logging.getLogger("fastft")
 
 IMPLEMENTATION = "fastft"
-_WEIGHTS = ("gate_up_proj", "down_proj")
-_BIASES = ("gate_up_proj_bias", "down_proj_bias")
 _ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+_UNGATED_ACTIVATIONS = ("relu2", "silu", "gelu_tanh", "gelu", "relu")
+
+
+def _up_name(module: nn.Module) -> str:
+    """The first projection's parameter: ``gate_up_proj`` ([gate | up]) or, for ungated experts, ``up_proj``."""
+    return "up_proj" if getattr(module, "has_gate", True) is False else "gate_up_proj"
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class ExpertsSpec:
     has_bias: bool = False
     alpha: float = 1.702
     limit: float | None = None
+    gated: bool = True  # False: ``down(act(up(x)))`` with ``up_proj`` (Nemotron-H's experts)
 
 
 @dataclass
@@ -127,10 +132,11 @@ def _parameter(module: nn.Module, name: str) -> torch.Tensor | None:
 def experts_structure(module: nn.Module) -> tuple[int, int, int, bool] | None:
     """(experts, hidden, intermediate, transposed) of a module holding 3-D ``gate_up_proj`` and ``down_proj``
     weights that is called as ``experts(hidden_states, top_k_index, top_k_weights)``, or None."""
-    gate_up, down = (_parameter(module, n) for n in _WEIGHTS)
+    gated = _up_name(module) == "gate_up_proj"
+    gate_up, down = _parameter(module, _up_name(module)), _parameter(module, "down_proj")
     if gate_up is None or down is None or gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[0] != down.shape[0]:
         return None
-    if getattr(module, "has_gate", True) is False or getattr(module, "has_post_expert_norm", False):
+    if getattr(module, "has_post_expert_norm", False):
         return None
     if getattr(module, "_is_expert_parallel", False):
         return None
@@ -140,7 +146,7 @@ def experts_structure(module: nn.Module) -> tuple[int, int, int, bool] | None:
         (hidden, two_i), (inter, hidden_out) = gate_up.shape[1:], down.shape[1:]
     else:
         (two_i, hidden), (hidden_out, inter) = gate_up.shape[1:], down.shape[1:]
-    if hidden != hidden_out or two_i != 2 * inter:
+    if hidden != hidden_out or two_i != (2 * inter if gated else inter):
         return None
     if not _takes_routing(type(module)):
         return None
@@ -156,16 +162,23 @@ def _takes_routing(cls: type) -> bool:
     return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
+def _number(module: nn.Module, *names: str) -> float | None:
+    value = next((getattr(module, n) for n in names if hasattr(module, n)), None)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def _candidates(module: nn.Module, transposed: bool) -> list[ExpertsSpec]:
-    has_bias = _parameter(module, "gate_up_proj_bias") is not None and _parameter(module, "down_proj_bias") is not None
+    up = _up_name(module)
+    has_bias = _parameter(module, f"{up}_bias") is not None and _parameter(module, "down_proj_bias") is not None
+    if up == "up_proj":
+        return [ExpertsSpec(a, transposed=transposed, has_bias=has_bias, gated=False) for a in _UNGATED_ACTIVATIONS]
     specs = [ExpertsSpec(a, transposed=transposed, has_bias=has_bias) for a in _ACTIVATIONS]
-    alpha, limit = getattr(module, "alpha", None), getattr(module, "limit", None)
-    if isinstance(limit, (int, float)) and not isinstance(limit, bool):
-        specs[:0] = [ExpertsSpec(a, False, transposed, has_bias, limit=float(limit)) for a in _ACTIVATIONS]
-        if isinstance(alpha, (int, float)):
+    alpha, limit = _number(module, "alpha", "swiglu_alpha"), _number(module, "limit", "swiglu_limit")
+    if limit is not None:
+        specs[:0] = [ExpertsSpec(a, False, transposed, has_bias, limit=limit) for a in _ACTIVATIONS]
+        if alpha is not None:
             specs[:0] = [
-                ExpertsSpec("gpt_oss", interleaved, transposed, has_bias, float(alpha), float(limit))
-                for interleaved in (True, False)
+                ExpertsSpec("gpt_oss", interleaved, transposed, has_bias, alpha, limit) for interleaved in (True, False)
             ]
     return specs
 
@@ -187,7 +200,7 @@ def probe_experts(module: nn.Module, dtype: torch.dtype) -> tuple[ExpertsSpec | 
     if structure is None:
         return None, "routed experts: layout not recognised"
     experts, hidden, _, transposed = structure
-    weight = _parameter(module, "gate_up_proj")
+    weight = _parameter(module, _up_name(module))
     if weight.is_meta:
         return None, "routed experts: weights on the meta device"
     if not weight.is_floating_point():
@@ -276,8 +289,9 @@ def _compute(
     module: nn.Module, spec: ExpertsSpec, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """The grouped experts computation of ``module`` with its current weights (and LoRA factors)."""
-    gate_up, down = read_weight(module, "gate_up_proj"), read_weight(module, "down_proj")
-    biases = (module.gate_up_proj_bias, module.down_proj_bias) if spec.has_bias else (None, None)
+    up = "gate_up_proj" if spec.gated else "up_proj"
+    gate_up, down = read_weight(module, up), read_weight(module, "down_proj")
+    biases = (getattr(module, f"{up}_bias"), module.down_proj_bias) if spec.has_bias else (None, None)
     return grouped_experts(hidden, top_k_index, top_k_weights, gate_up, down, *biases, spec)
 
 
@@ -318,6 +332,7 @@ def grouped_experts(
         gate_up_bias,
         down_bias,
         act=spec.activation,
+        gated=spec.gated,
         transposed=spec.transposed,
         interleaved=spec.interleaved,
         alpha=spec.alpha,
@@ -366,7 +381,7 @@ def input_scaled_structure(module: nn.Module) -> nn.Module | None:
     ):
         return None
     base = _base_layer(wrapped)
-    gate_up, down = (_parameter(base, n) for n in _WEIGHTS)
+    gate_up, down = _parameter(base, "gate_up_proj"), _parameter(base, "down_proj")
     if gate_up is None or down is None or gate_up.dim() != 3 or down.dim() != 3:
         return None
     (experts, hidden, two_i), (experts_d, inter, hidden_d) = gate_up.shape, down.shape

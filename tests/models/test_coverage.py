@@ -68,6 +68,23 @@ def test_the_families_people_fine_tune_are_fully_patched(coverage, model_type):
     assert row["saved_fastft"] < row["saved_plain"], "fastft must keep less for backward than plain + PEFT"
 
 
+# The mixture-of-experts families of issue 12: routed experts on fastft's grouped kernel too.
+MOE_FULLY_PATCHED = [
+    "qwen3_moe", "qwen3_5_moe", "mixtral", "olmoe", "gpt_oss", "glm4_moe", "deepseek_v3", "granitemoe", "phimoe",
+    "qwen2_moe", "llama4_text", "deepseek_v2", "glm4_moe_lite", "kimi_linear",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", MOE_FULLY_PATCHED)
+def test_the_moe_families_run_their_experts_on_fastft(coverage, model_type):
+    row = coverage[model_type]
+    assert row["result"] == "equal", (row["result"], row["detail"])
+    assert row["experts"] > 0 and row["fused_loss"] and row["attentions"] > 0, row
+    left = {kind: reason for kind, reason in row["skipped"].items() if not reason.startswith(ALLOWED_LEFT[1:])}
+    assert not left, left
+    assert row["saved_fastft"] < row["saved_plain"]
+
+
 def test_the_fused_loss_is_on_wherever_the_head_is_a_plain_linear_layer(coverage):
     """Where fastft patched something and left the loss alone, the report must say why."""
     for model_type, row in coverage.items():

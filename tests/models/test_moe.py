@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 RTOL = 2e-5
 FAMILIES = [
     "qwen3_moe", "qwen3_5_moe_text", "mixtral", "olmoe", "granitemoe", "phimoe", "gpt_oss", "deepseek_v3",
-    "glm4_moe", "qwen2_moe", "llama4_text", "deepseek_v2", "glm4_moe_lite",
+    "glm4_moe", "qwen2_moe", "llama4_text", "deepseek_v2", "glm4_moe_lite", "nemotron_h", "minimax_m3_vl_text",
 ]  # fmt: skip
 ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"]
 MLP_TARGETS = ["gate_proj", "up_proj", "down_proj"]
@@ -78,7 +78,7 @@ def _lora(model):
         r=4,
         lora_alpha=8,
         target_modules=[t for t in ATTENTION_TARGETS + MLP_TARGETS if t in names],
-        target_parameters=sorted(params & {"gate_up_proj", "down_proj"}) or None,
+        target_parameters=sorted(params & {"gate_up_proj", "up_proj", "down_proj"}) or None,
         init_lora_weights=False,
     )
     torch.manual_seed(1)
@@ -126,7 +126,7 @@ def test_lora_step_equals_plain_peft(model_type):
     _compare(plain, fast, _inputs(plain))
     # Only the adapters train: the 3-D expert weights are frozen and get no gradient.
     for module in _experts_modules(fast.get_base_model()):
-        for name in ("gate_up_proj", "down_proj"):
+        for name in (fexperts._up_name(module), "down_proj"):
             weight = fexperts.read_weight(module, name).base
             assert not weight.requires_grad and weight.grad is None
 
