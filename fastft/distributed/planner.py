@@ -54,8 +54,22 @@ plus, with a trainable head, the fp32 ``V x H`` gradient accumulator. QLoRA adds
 buffers + QLoRA dequantisation: the device memory a step needs at its peak, short of the allocator's
 fragmentation, the CUDA context and kernel workspaces (a few hundred MB to a few GB on a real GPU).
 
+**Longest context** (:func:`max_context`, ``--max-context``): the most tokens one step fits in on one GPU of
+``gpu_bytes`` with ``host_bytes`` of host memory. transformers + PEFT runs its own checkpointing; its peak is the
+loss (``12 N V`` with the log-probabilities it saves) next to the kept layer inputs. fastft runs the long-context
+layout (:mod:`fastft.models.long_context`: offloaded checkpointing keeping every k-th layer input, tiled MLP with
+its norm fused); its peak is one decoder layer's backward after its recompute, per token: the layer input's device
+copy, the normalised q/k/v input, q, k, v after RoPE, the attention output, its fp32 log-sum-exp, the residual sum
+after attention (the MLP's norm is fused into the tiles, so its output is not kept), the (N, r) fp32 LoRA products
+of q/k/v/o, the incoming gradient and the MLP's dx, and cos/sin; plus constants: one MLP tile's transients
+(``_TILE_ROWS`` rows, ``_TILE_BYTES_PER_ELEMENT`` bytes per row and intermediate element, measured by the meter in
+tests/distributed/test_plan.py), the fused loss's chunk and the dequantised weight. Host: ``ceil(L / k) + k - 1``
+layer inputs, k from :func:`fastft.models.long_context.keep_every_for`. These per-token terms are checked against
+:class:`fastft.utils.memory.PeakMemoryMeter` at small scale (tests/distributed/test_plan.py).
+
     fastft plan llama3-8b --world-size 1 8 64 --seq 4096 --method lora
     fastft plan --readme        # the README table (8B and 70B, 1/8/64 GPUs)
+    fastft plan llama3-8b --method qlora --max-context --gpu-gib 80 --host-gib 128
 """
 
 from __future__ import annotations
@@ -441,6 +455,120 @@ def _gathered(dims, method, sharding, world, b, master_weights) -> int:
     return gathered + extra
 
 
+# ------------------------------------------------------------------------------------------------ longest context
+
+_TILE_ROWS = 1024  # rows per MLP tile the plan assumes (tiled_mlp.tile_rows picks from free memory on a GPU)
+_TILE_BYTES_PER_ELEMENT = 48  # one tile's transients per (row x intermediate) element, bf16 (measured: ~44)
+
+
+def long_context_layer_bytes(dims: Dims, targets: tuple[str, ...], rank: int, b: int) -> dict[str, int]:
+    """fastft's device bytes per token at its long-context peak, by term: one decoder layer's backward after its
+    recompute, at the larger of its two moments (the MLP's backward; the attention's backward, where dq/dk/dv and
+    the attention output's gradient replace the residual sum, the MLP's dx and its gradient)."""
+    h, q, kv = dims.hidden, dims.q_width, dims.kv_width
+    adapters = len({"q_proj", "k_proj", "v_proj", "o_proj"} & set(targets))
+    saved = {
+        "layer input (device copy)": b * h,
+        "q/k/v input (normalised)": b * h,
+        "q, k, v after RoPE": b * (q + 2 * kv),
+        "attention output": b * q,
+        "attention log-sum-exp (fp32)": 4 * dims.heads,
+        "LoRA (N, r) products, fp32": 4 * rank * adapters,
+        "cos/sin": 2 * b * dims.head_dim,
+    }
+    mlp = {**saved, "residual after attention (the fused MLP's input)": b * h, "incoming gradient + MLP dx": 2 * b * h}
+    attention = {**saved, "gradient of the residual stream": b * h, "attention output's gradient": b * q,
+                 "dq, dk, dv": b * (q + 2 * kv)}  # fmt: skip
+    return max(mlp, attention, key=lambda terms: sum(terms.values()))
+
+
+@dataclass
+class ContextPlan:
+    """The longest context of each side (tokens), what bounds it, and fastft's terms at that length (bytes)."""
+
+    plain_tokens: int
+    plain_bound: str
+    fastft_tokens: int
+    fastft_bound: str
+    keep_every: int
+    per_token: dict[str, int]
+    fixed: dict[str, int]
+    device_bytes: int
+    host_bytes: int
+
+    def text(self, gpu_bytes: float, host_bytes: float) -> str:
+        lines = [
+            f"longest context on one GPU of {gpu_bytes / 2**30:.0f} GiB with {host_bytes / 2**30:.0f} GiB of host memory:",
+            f"  transformers + PEFT (its checkpointing): {self.plain_tokens:,} tokens, bounded by {self.plain_bound}",
+            (
+                f"  fastft (offloaded checkpointing keeping every {self.keep_every}-th layer input, tiled MLP): "
+                f"{self.fastft_tokens:,} tokens, bounded by {self.fastft_bound}"
+            ),
+            f"  fastft at {self.fastft_tokens:,} tokens: GPU {gib(self.device_bytes)}, host {gib(self.host_bytes)}",
+            "  GPU bytes per token (a layer's backward after its recompute, at its larger moment):",
+        ]
+        lines += [f"    {k}: {v:,}" for k, v in self.per_token.items()]
+        lines += ["  GPU bytes fixed:"] + [f"    {k}: {gib(v)}" for k, v in self.fixed.items()]
+        return "\n".join(lines)
+
+
+def max_context(
+    config_or_preset: Any,
+    gpu_bytes: float,
+    host_bytes: float,
+    *,
+    method: str = "qlora",
+    lora_rank: int = 16,
+    target_modules: Iterable[str] = LORA_TARGETS,
+    optimizer: str = "adamw",
+    dtype: torch.dtype | str = torch.bfloat16,
+) -> ContextPlan:
+    """The longest single sequence one step fits in on one GPU, plain vs fastft (module docstring)."""
+    from fastft.models.long_context import keep_every_for
+
+    dims = dims_of(config_or_preset)
+    dtype, b = _bytes(dtype)
+    targets = tuple(target_modules)
+    if method == "full":
+        raise ValueError("plan: --max-context plans LoRA or QLoRA (full fine-tuning's states leave little room).")
+    states = _states(dims, method, targets, lora_rank, optimizer, "none", 1, b, True)
+    gathered = _gathered(dims, method, "none", 1, b, True)
+    per_token = long_context_layer_bytes(dims, targets, lora_rank, b)
+    fixed = {
+        "parameters, gradients, optimizer": sum(states.values()),
+        "dequantised weight (QLoRA)": gathered,
+        "one MLP tile's transients": _TILE_ROWS * dims.intermediate * _TILE_BYTES_PER_ELEMENT,
+        "fused loss chunk": _loss_peak(dims, "fastft", method, 1 << 20, b),
+    }
+    slope, constant = sum(per_token.values()), sum(fixed.values())
+    gpu_tokens = max(0, int((gpu_bytes - constant) // slope))
+    least_inputs = min(math.ceil(dims.layers / k) + k - 1 for k in range(1, dims.layers + 1))
+    host_tokens = int(host_bytes // (least_inputs * b * dims.hidden))
+    tokens = min(gpu_tokens, host_tokens)
+    bound = (
+        f"GPU memory ({slope:,} bytes per token)"
+        if gpu_tokens <= host_tokens
+        else f"host memory ({least_inputs} layer inputs of {b * dims.hidden:,} bytes per token)"
+    )
+    k = keep_every_for(dims.layers, tokens, dims.hidden, host_bytes, b) if tokens else 1
+    host_used = (math.ceil(dims.layers / k) + k - 1) * tokens * b * dims.hidden
+
+    # transformers + PEFT: its checkpointing keeps every layer input on the GPU; the loss holds 12 N V at its peak.
+    def plain_total(n: int) -> int:
+        p = plan(dims, 1, n, 1, method=method, lora_rank=lora_rank, target_modules=targets, optimizer=optimizer,
+                 sharding="none", checkpointing="standard", dtype=dtype)  # fmt: skip
+        return p.plain.total
+
+    lo, hi = 0, 1
+    while plain_total(hi) <= gpu_bytes:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if plain_total(mid) <= gpu_bytes else (lo, mid)
+    plain_bound = f"GPU memory (the loss's fp32 (N, V) tensors: {12 * dims.vocab:,} bytes per token)"
+    return ContextPlan(lo, plain_bound, tokens, bound, k, per_token, fixed, constant + slope * tokens, host_used)
+
+
 # ------------------------------------------------------------------------------------------------ README table
 
 README_MODELS = (("llama3-8b", "Llama-3.1-8B"), ("llama3-70b", "Llama-3.1-70B"))
@@ -484,7 +612,16 @@ def main(argv: list[str] | None = None, prog: str = "fastft plan") -> int:
     )
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--readme", action="store_true", help="print the README table (8B and 70B on 1/8/64 GPUs)")
+    parser.add_argument("--max-context", action="store_true", help="the longest sequence one GPU fits (one step)")
+    parser.add_argument("--gpu-gib", type=float, default=80.0, help="with --max-context: GPU memory")
+    parser.add_argument("--host-gib", type=float, default=128.0, help="with --max-context: host memory")
     args = parser.parse_args(argv)
+    if args.max_context:
+        gpu, host = args.gpu_gib * 2**30, args.host_gib * 2**30
+        result = max_context(args.model, gpu, host, method=args.method, lora_rank=args.rank, optimizer=args.optimizer,
+                             dtype=args.dtype)  # fmt: skip
+        print(result.text(gpu, host))
+        return 0
     if args.readme:
         print(readme_table(checkpointing=args.checkpointing or "offload"))
         return 0

@@ -51,6 +51,7 @@ from fastft.kernels.lora import (
     _mlp_inputs,
     _needs,
 )
+from fastft.kernels.rms_norm import rms_norm
 
 _MIN_TILE, _MAX_TILE, _FREE_SHARE = 256, 16384, 8
 
@@ -77,14 +78,16 @@ class TiledLoRAMLPFunction(torch.autograd.Function):
     """lora_mlp over tiles of ``tile`` rows; saves x only (module docstring)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, specs: tuple, activation: str, tile: int, *tensors: torch.Tensor | None):
+    def forward(ctx, x, specs: tuple, activation: str, tile: int, norm: tuple | None, norm_weight, *tensors):
         n_in = len(specs) - 1
         in_params, (down_params,) = _group(tensors, n_in), _group(tensors[4 * n_in :], 1)
         x2 = x.reshape(-1, x.shape[-1])
         y = x2.new_empty(x2.shape[0], specs[-1].out_features)
         with torch.autocast(x.device.type, enabled=False):
             for lo in range(0, x2.shape[0], tile):
-                outs, _, _ = _group_forward(x2[lo : lo + tile], specs[:n_in], in_params)
+                x_t = x2[lo : lo + tile] if norm is None else rms_norm(x2[lo : lo + tile], norm_weight, *norm)
+                outs, _, _ = _group_forward(x_t, specs[:n_in], in_params)
+                del x_t
                 gate, up = outs[0].chunk(2, dim=-1) if n_in == 1 else outs
                 ctx.triton = use_triton(gate) and gate.dtype in _TRITON_DTYPES
                 h = _activation_kernels(activation, ctx.triton)[0](gate, up)
@@ -93,25 +96,27 @@ class TiledLoRAMLPFunction(torch.autograd.Function):
                 del h
                 y[lo : lo + tile] = y_tile
                 del y_tile
-        ctx.save_for_backward(x, *tensors)
+        ctx.save_for_backward(x, norm_weight, *tensors)
         ctx.specs, ctx.activation, ctx.tile, ctx.x_shape, ctx.dtype = specs, activation, tile, x.shape, x.dtype
+        ctx.norm = norm
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: torch.Tensor):
         specs, n_in, tile = ctx.specs, len(ctx.specs) - 1, ctx.tile
-        x, *tensors = ctx.saved_tensors
+        x, norm_weight, *tensors = ctx.saved_tensors
         in_params, (down_params,) = _group(tensors, n_in), _group(tensors[4 * n_in :], 1)
-        in_needs, (down_needs,) = _needs(ctx.needs_input_grad, 4, n_in), _needs(ctx.needs_input_grad, 4 + 4 * n_in, 1)
-        need_x = ctx.needs_input_grad[0]
+        in_needs, (down_needs,) = _needs(ctx.needs_input_grad, 6, n_in), _needs(ctx.needs_input_grad, 6 + 4 * n_in, 1)
+        need_norm_w = ctx.norm is not None and ctx.needs_input_grad[5]
+        need_x = ctx.needs_input_grad[0] or need_norm_w  # the MLP's input gradient (the norm's output, if fused)
         need_act = need_x or any(any(n) for n in in_needs)
         # h is recomputed when dW_d, dA_d or dB_d (through s h A_d^T) needs it.
         need_h = down_needs[0] or (specs[-1].rank > 0 and (down_needs[2] or down_needs[3]))
         act_forward, act_backward = _activation_kernels(ctx.activation, ctx.triton)
         x2, g2 = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])
-        dx = x2.new_empty(x2.shape) if need_x else None
-        sums: list[torch.Tensor | None] = [None] * (4 * len(specs))  # accumulators, flat like ``tensors``
+        dx = x2.new_empty(x2.shape) if ctx.needs_input_grad[0] else None
+        sums: list[torch.Tensor | None] = [None] * (4 * len(specs) + 1)  # accumulators: ``tensors``, norm weight
 
         def accumulate(first: int, grads: list) -> None:
             for k, grad in enumerate(grads):
@@ -124,6 +129,12 @@ class TiledLoRAMLPFunction(torch.autograd.Function):
         with torch.autocast(grad_y.device.type, enabled=False):
             for lo in range(0, x2.shape[0], tile):
                 x_t, g_t = x2[lo : lo + tile], g2[lo : lo + tile]
+                if ctx.norm is not None:  # the fused norm, recomputed under autograd for its own backward
+                    with torch.enable_grad():
+                        x_in = x_t.detach().requires_grad_(ctx.needs_input_grad[0])
+                        w_in = norm_weight.detach().requires_grad_(need_norm_w)
+                        normed = rms_norm(x_in, w_in, *ctx.norm)
+                    x_t = normed.detach()
                 # Recompute this tile's gate and up (and the (T, r) products s x A^T that dB needs).
                 outs, in_sxa, in_masks = _group_forward(x_t, specs[:n_in], in_params)
                 gate, up = outs[0].chunk(2, dim=-1) if n_in == 1 else outs
@@ -144,12 +155,18 @@ class TiledLoRAMLPFunction(torch.autograd.Function):
                     del pieces, dgate, dup, in_saved
                     for k, grads in enumerate(in_grads):
                         accumulate(4 * k, grads)
+                    if ctx.norm is not None and dx_t is not None:
+                        wanted = [t for t in (x_in, w_in) if t.requires_grad]
+                        norm_grads = dict(zip(map(id, wanted), torch.autograd.grad(normed, wanted, dx_t)))
+                        dx_t = norm_grads.get(id(x_in))
+                        accumulate(4 * len(specs), [norm_grads.get(id(w_in))])
+                        del normed, x_in, w_in, norm_grads
                     if dx_t is not None:
                         dx[lo : lo + tile] = dx_t
                     del dx_t
-        grads = [None if s is None else s.to(t.dtype) for s, t in zip(sums, tensors, strict=True)]
+        grads = [None if s is None else s.to(t.dtype) for s, t in zip(sums, [*tensors, norm_weight], strict=True)]
         dx = dx.view(ctx.x_shape) if dx is not None else None
-        return dx, None, None, None, *grads
+        return dx, None, None, None, None, grads[-1], *grads[:-1]
 
 
 def tiled_lora_mlp(
@@ -159,12 +176,20 @@ def tiled_lora_mlp(
     down: LoRAProjection,
     activation: Activation,
     tile_tokens: int | None = None,
+    norm: tuple[torch.Tensor, float, float] | None = None,
 ) -> torch.Tensor:
     """:func:`fastft.kernels.lora.lora_mlp` run over tiles of ``tile_tokens`` rows (module docstring).
 
     Same arguments and result as ``lora_mlp``; ``tile_tokens`` (a positive int) is the rows per tile, ``None``
     picks it from free memory (:func:`tile_rows`). Autograd keeps x alone; backward recomputes each tile's gate and
     up. One tile covering every row, or an adapter with dropout, runs ``lora_mlp`` itself (no recompute).
+
+    ``norm=(weight, eps, offset)`` fuses the RMSNorm in front of the MLP: ``x`` is then the norm's *input* and
+    each tile computes ``rms_norm(x_t, weight, eps, offset)`` (:func:`fastft.kernels.rms_norm.rms_norm`, the same
+    kernel and so bitwise the same rows) in forward and again in backward, where the tile's norm backward gives
+    its rows of dx and a partial weight gradient (summed over tiles like the others). The normalised
+    ``(tokens x hidden)`` tensor is then never saved: the MLP keeps the norm's input, which the residual stream
+    holds anyway.
     """
     if tile_tokens is not None and (
         isinstance(tile_tokens, bool) or not isinstance(tile_tokens, int) or tile_tokens < 1
@@ -172,13 +197,20 @@ def tiled_lora_mlp(
         raise ValueError(
             f"tiled_lora_mlp: tile_tokens must be a positive int (rows per tile) or None, got {tile_tokens!r}."
         )
+    if norm is not None and (torch.is_autocast_enabled(x.device.type) or len(norm) != 3):
+        raise ValueError(
+            "tiled_lora_mlp: norm must be (weight, eps, offset) and runs without torch.autocast; apply the norm "
+            "first and pass its output with norm=None."
+        )
     x, specs, tensors = _mlp_inputs("tiled_lora_mlp", x, gate, up, down, activation)
     tokens = x.numel() // max(x.shape[-1], 1)
     tile = tile_tokens or tile_rows(tokens, x.shape[-1], specs[-1].in_features, x.dtype, x.device)
     if tile >= tokens or any(spec.dropout for spec in specs):
-        y = LoRAMLPFunction.apply(x, specs, activation, *tensors)
+        x_mlp = x if norm is None else rms_norm(x, norm[0], norm[1], norm[2])
+        y = LoRAMLPFunction.apply(x_mlp, specs, activation, *tensors)
     else:
-        y = TiledLoRAMLPFunction.apply(x, specs, activation, tile, *tensors)
+        norm_spec, weight = (None, None) if norm is None else ((float(norm[1]), float(norm[2])), norm[0])
+        y = TiledLoRAMLPFunction.apply(x, specs, activation, tile, norm_spec, weight, *tensors)
     return y.view(*x.shape[:-1], specs[-1].out_features)
 
 

@@ -74,7 +74,10 @@ class FastRMSNorm:
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if _has_values(args, kwargs):  # a call the probe did not see (an optional argument used): the original
             return super().forward(hidden_states, *args, **kwargs)
-        return rms_norm(hidden_states, self.weight, getattr(self, self._fastft_eps_attr), self._fastft_offset)
+        y = rms_norm(hidden_states, self.weight, getattr(self, self._fastft_eps_attr), self._fastft_offset)
+        if self.__dict__.get("_fastft_tag_output"):  # set_long_context: a tiled MLP may fuse this norm
+            y._fastft_normed = (hidden_states, self)
+        return y
 
 
 class FastLayerNorm:
@@ -136,7 +139,13 @@ class FastGatedMLP:
             gate, up, down = (projections[0], None, projections[1]) if layout.gate_up else projections
             tile = self.__dict__.get("_fastft_mlp_tile")  # set by fastft.models.long_context.set_long_context
             if tile is not None:  # 0: the tile size follows free memory
-                y = tiled_lora_mlp(x, gate, up, down, layout.activation, tile_tokens=tile or None)
+                # The output of a FastRMSNorm: tiles normalise its input themselves, so the normalised rows
+                # are not kept for backward (tiled_lora_mlp's ``norm``).
+                source, norm = getattr(x, "_fastft_normed", None), None
+                if source is not None and not torch.is_autocast_enabled(x.device.type):
+                    x, module = source
+                    norm = (module.weight, getattr(module, module._fastft_eps_attr), module._fastft_offset)
+                y = tiled_lora_mlp(x, gate, up, down, layout.activation, tile_tokens=tile or None, norm=norm)
             else:
                 y = lora_mlp(x, gate, up, down, layout.activation)
             return apply_dropout(self, layout.dropout, y)

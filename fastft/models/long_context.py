@@ -6,8 +6,11 @@ to the memory layout long sequences need:
 - **tiled MLP** (``tiled_mlp``): every fused gated MLP runs :func:`fastft.kernels.tiled_mlp.tiled_lora_mlp`, so no
   ``(tokens x intermediate)`` tensor exists for the whole sequence, in forward or in backward; gate and up are
   recomputed per tile in backward (a third of the MLP's forward FLOPs). ``True`` picks the tile from free memory,
-  an int is the rows per tile. The same losses and gradients up to fp32 rounding of the per-tile partial sums of
-  the parameter gradients.
+  an int is the rows per tile. An MLP whose input comes straight from a fastft RMSNorm (Llama's
+  ``post_attention_layernorm``, Gemma's ``pre_feedforward_layernorm``) applies that norm itself, tile by tile, so
+  the normalised ``(tokens x hidden)`` tensor is not kept for backward either (the norm's input, the residual
+  stream, is). The same losses and gradients up to fp32 rounding of the per-tile partial sums of the parameter
+  gradients.
 - **every k-th layer input** (``keep_every=k``): offloaded checkpointing keeps each decoder layer's input in host
   memory, ``tokens x hidden x 2`` bytes per layer (256 GiB for a million tokens of Llama-3-8B). With ``k > 1`` only
   the inputs of layers ``0, k, 2k, ...`` are kept (offloaded as before); in backward, the first layer of a segment
@@ -34,7 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastft.models.checkpointing import _SEGMENT_ATTR, _to_device, _to_host, set_checkpointing
-from fastft.models.layers import FastGatedMLP
+from fastft.models.layers import FastGatedMLP, FastRMSNorm
 
 try:
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -42,6 +45,7 @@ except ImportError:  # transformers < 4.52
     GradientCheckpointingLayer = None
 
 _TILE_ATTR = "_fastft_mlp_tile"
+_TAG_ATTR = "_fastft_tag_output"
 
 
 def set_long_context(model: nn.Module, tiled_mlp: bool | int = True, keep_every: int = 1) -> dict[str, int]:
@@ -94,6 +98,11 @@ def set_long_context(model: nn.Module, tiled_mlp: bool | int = True, keep_every:
             mlp.__dict__.pop(_TILE_ATTR, None)
         else:
             mlp.__dict__[_TILE_ATTR] = tile
+    for norm in (m for m in model.modules() if isinstance(m, FastRMSNorm)):
+        if tile is None:
+            norm.__dict__.pop(_TAG_ATTR, None)
+        else:
+            norm.__dict__[_TAG_ATTR] = True
     kept = math.ceil(len(layers) / keep_every)
     return {"tiled_mlp": len(mlps) if tile is not None else 0, "keep_every": keep_every, "kept_inputs": kept}
 

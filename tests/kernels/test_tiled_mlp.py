@@ -129,3 +129,29 @@ def test_tile_rows_default_and_errors():
         tiled_lora_mlp(torch.randn(4, 8), *projs, "swiglu", tile_tokens=0)
     with pytest.raises(ValueError, match="tiled_lora_mlp: activation"):
         tiled_lora_mlp(torch.randn(4, 8), *projs, "relu", tile_tokens=2)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_fused_norm_equals_norm_then_untiled(name, offset):
+    """norm=(weight, eps, offset): the same loss and gradients (x, norm weight, every projection tensor) as
+    rms_norm followed by lora_mlp, fp32 bound as above."""
+    from fastft.kernels.rms_norm import rms_norm
+
+    gen = torch.Generator().manual_seed(9)
+    projs = mlp_projs(gen, 24, 40, 4, "fp32", False, ("weight", "lora_A", "lora_B"))
+    weight = rand(gen, 24, dtype=torch.float32, scale=0.5).requires_grad_(True)
+    x = rand(gen, 2, 19, 24, dtype=torch.float32)
+    params = [t for _, t in leaves(list(projs))] + [weight]
+    results = []
+    with backend(name):
+        for fused in (True, False):
+            xx = x.clone().requires_grad_(True)
+            if fused:
+                y = tiled_lora_mlp(xx, *projs, "swiglu", tile_tokens=7, norm=(weight, 1e-6, offset))
+            else:
+                y = lora_mlp(rms_norm(xx, weight, 1e-6, offset), *projs, "swiglu")
+            g = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+            results.append([y, *torch.autograd.grad(y, [xx, *params], g)])
+    for t, u in zip(*results, strict=True):
+        close(t, u, FP32_TILED_VS_UNTILED)
