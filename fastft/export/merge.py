@@ -81,7 +81,9 @@ def _lora_weight(module: torch.nn.Module, name: str) -> torch.Tensor:
     out = weight.float()
     for delta in deltas:
         out = out + delta.float()
-    return out.to(weight.dtype if weight.is_floating_point() else torch.float32)
+    if getattr(base.weight, "quant_state", None) is not None:  # a 4-bit base: merged in its compute dtype
+        return out.to(getattr(base, "compute_dtype", None) or torch.float32)
+    return out.to(weight.dtype)
 
 
 def _shape_of(tensor: torch.Tensor) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 _ROLES = ("system", "user", "assistant")
-_MARK = "\x00{}\x00"
+_MARK = "\x00MESSAGE{}\x00"
 
 
 @dataclass(frozen=True)
@@ -48,92 +48,78 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], generation: bool) ->
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
 
 
+def _after(text: str, mark: str) -> str | None:
+    return text.split(mark, 1)[1] if text.count(mark) == 1 else None
+
+
+def _derive(tokenizer: Any, with_system: bool) -> ChatFormat | None:
+    roles = (["system"] if with_system else []) + ["user", "assistant", "user"]
+    messages = [{"role": role, "content": _MARK.format(i)} for i, role in enumerate(roles)]
+    suffix: dict[str, str] = {}
+    for k in range(1, len(messages) + 1):  # what follows the last message is its role's suffix
+        tail = _after(_render(tokenizer, messages[:k], False), messages[k - 1]["content"])
+        if tail is None or suffix.setdefault(roles[k - 1], tail) != tail:
+            return None
+    full = _render(tokenizer, messages, True)
+    pieces = []
+    for message in messages:
+        if full.count(message["content"]) != 1:
+            return None
+        head, full = full.split(message["content"], 1)
+        pieces.append(head)
+    prefix: dict[str, str] = {}
+    for i in range(1, len(messages)):  # between two messages: the first one's suffix, then the next one's prefix
+        before = suffix[roles[i - 1]]
+        if not pieces[i].startswith(before) or prefix.setdefault(roles[i], pieces[i][len(before):]) != pieces[i][
+            len(before):
+        ]:
+            return None
+    if not full.startswith(suffix[roles[-1]]):
+        return None
+    generation = full[len(suffix[roles[-1]]):]
+    # before the first message: what the template writes first (a BOS), then the first role's prefix
+    first = roles[0]
+    bos = getattr(tokenizer, "bos_token", None) or ""
+    head = pieces[0]
+    if first in prefix:
+        if not head.endswith(prefix[first]):
+            return None
+        start = head[: len(head) - len(prefix[first])]
+    else:
+        start = bos if bos and head.startswith(bos) else ""
+        prefix[first] = head[len(start):]
+    if not with_system:
+        prefix["system"], suffix["system"] = prefix["user"], suffix["user"]  # never used: no system turns
+    # a default system message: what a conversation without one gets between the start and the first user turn
+    default_system = None
+    lone = _render(tokenizer, [{"role": "user", "content": _MARK.format(0)}], False).split(_MARK.format(0), 1)[0]
+    if with_system and lone != start + prefix["user"]:
+        inner = lone[len(start): len(lone) - len(prefix["user"])]
+        if not (lone.startswith(start) and lone.endswith(prefix["user"]) and inner.startswith(prefix["system"])
+                and inner.endswith(suffix["system"])):
+            return None
+        default_system = inner[len(prefix["system"]): len(inner) - len(suffix["system"])]
+    return ChatFormat(start, prefix, suffix, generation, default_system)
+
+
 def chat_format(tokenizer: Any) -> ChatFormat | None:
-    """The concatenative form of ``tokenizer.chat_template``, or ``None`` when it is not one (see module doc)."""
+    """The concatenative form of ``tokenizer.chat_template``, or ``None`` when it is not one (see module doc).
+
+    Templates that refuse a system message (Gemma's raise) are derived from user and assistant turns only.
+    """
     if not getattr(tokenizer, "chat_template", None):
         return None
-    marks = {role: _MARK.format(role.upper()) for role in _ROLES}
-    try:
-        full = _render(tokenizer, [{"role": r, "content": marks[r]} for r in _ROLES], True)
-        bare = _render(tokenizer, [{"role": "user", "content": marks["user"]}], False)
-        pieces = _split(full, [marks[r] for r in _ROLES])
-        if pieces is None:
-            return None
-        before_sys, between_sys_user, between_user_asst, after_asst = pieces
-        # the assistant's suffix and the generation prompt: render user + assistant + user, then the reply prompt
-        two = _render(
-            tokenizer,
-            [{"role": "system", "content": marks["system"]}, {"role": "user", "content": marks["user"]},
-             {"role": "assistant", "content": marks["assistant"]}, {"role": "user", "content": marks["user"]}],
-            True,
-        )
-        tail = two.split(marks["assistant"], 1)[1]
-        asst_suffix_and_user_prefix, after_user2 = tail.split(marks["user"], 1)
-        no_gen = _render(tokenizer, [{"role": "system", "content": marks["system"]},
-                                     {"role": "user", "content": marks["user"]}], False)
-        user_suffix = no_gen.split(marks["user"], 1)[1]
-        generation = after_user2[len(user_suffix):] if after_user2.startswith(user_suffix) else None
-        if generation is None:
-            return None
-        user_prefix = None
-        # between the system content and the user content: system suffix + user prefix; the user prefix is what
-        # follows the assistant's suffix before the second user message, so find the common split
-        for cut in range(len(asst_suffix_and_user_prefix) + 1):
-            candidate = asst_suffix_and_user_prefix[cut:]
-            if between_sys_user.endswith(candidate):
-                user_prefix, asst_suffix = candidate, asst_suffix_and_user_prefix[:cut]
-                break
-        if user_prefix is None:
-            return None
-        sys_suffix = between_sys_user[: len(between_sys_user) - len(user_prefix)]
-        asst_prefix = between_user_asst[len(user_suffix):] if between_user_asst.startswith(user_suffix) else None
-        if asst_prefix is None or after_asst != asst_suffix + generation:
-            return None
-        # the system prefix, and what comes before it (a BOS): the bare render starts the same way
-        start, sys_prefix = "", before_sys
-        bare_head = bare.split(marks["user"], 1)[0]
-        default_system = None
-        if not bare_head.endswith(user_prefix):
-            return None
-        head = bare_head[: len(bare_head) - len(user_prefix)]
-        if head and head.startswith(before_sys) is False and before_sys.startswith(head):
-            start, sys_prefix = head, before_sys[len(head):]
-        elif head.startswith(before_sys) and head.endswith(sys_suffix) and len(head) > len(before_sys) + len(sys_suffix):
-            default_system = head[len(before_sys): len(head) - len(sys_suffix)]
-        elif head != "" and head != before_sys:
-            for cut in range(len(before_sys) + 1):
-                if head == before_sys[:cut]:
-                    start, sys_prefix = head, before_sys[cut:]
-                    break
-            else:
-                return None
-        elif head == before_sys and before_sys:
-            # the template writes the same thing before any first message: it belongs to the start
-            start, sys_prefix = head, ""
-        fmt = ChatFormat(
-            start=start,
-            prefix={"system": sys_prefix, "user": user_prefix, "assistant": asst_prefix},
-            suffix={"system": sys_suffix, "user": user_suffix, "assistant": asst_suffix},
-            generation=generation,
-            default_system=default_system,
-        )
-    except Exception:  # a template that cannot render sentinel messages: no derived TEMPLATE
-        return None
-    return fmt if _reproduces(tokenizer, fmt) else None
+    for with_system in (True, False):
+        try:
+            fmt = _derive(tokenizer, with_system)
+        except Exception:  # a template that raises on these messages (e.g. no system role): try without
+            continue
+        if fmt is not None and _reproduces(tokenizer, fmt, with_system):
+            return fmt
+    return None
 
 
-def _split(text: str, marks: list[str]) -> list[str] | None:
-    pieces = []
-    for mark in marks:
-        if text.count(mark) != 1:
-            return None
-        head, text = text.split(mark, 1)
-        pieces.append(head)
-    pieces.append(text)
-    return pieces
-
-
-def _reproduces(tokenizer: Any, fmt: ChatFormat) -> bool:
+def _reproduces(tokenizer: Any, fmt: ChatFormat, with_system: bool) -> bool:
     conversations = [
         [{"role": "user", "content": "Hi"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
@@ -142,6 +128,8 @@ def _reproduces(tokenizer: Any, fmt: ChatFormat) -> bool:
          {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}],
     ]
     for messages in conversations:
+        if not with_system and messages[0]["role"] == "system":
+            continue
         for generation in (True, False):
             if messages[-1]["role"] == "assistant" and generation:
                 continue
