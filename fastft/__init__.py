@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fastft.models.fast_model import FastLanguageModel, FastModel, is_bfloat16_supported
     from fastft.models.patch import patch
+    from fastft.models.vision_model import FastVisionModel
 
 __version__ = "0.1.0.dev0"
 _CHAT_TEMPLATE_NAMES = ("apply_chat_template", "standardize_sharegpt", "to_sharegpt")
 __all__ = [
     "FastLanguageModel",
     "FastModel",
+    "FastVisionModel",
     "__version__",
     "apply_chat_template",
     "is_bfloat16_supported",
@@ -33,6 +35,10 @@ def __getattr__(name: str) -> Any:
         from fastft.models import fast_model
 
         return getattr(fast_model, name)
+    if name == "FastVisionModel":
+        from fastft.models.vision_model import FastVisionModel
+
+        return FastVisionModel
     if name in _CHAT_TEMPLATE_NAMES:  # Unsloth's notebooks import these from the package itself
         import importlib
 

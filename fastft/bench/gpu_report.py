@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fastft.bench import gpu_moe
+
 MARKERS = ("<!-- gpu-results:start -->", "<!-- gpu-results:end -->")
 DEFAULT_RESULTS = Path("benchmarks/results")
 
@@ -158,6 +160,32 @@ def _rl_sections(parts: dict) -> list[str]:
     ]
 
 
+def _vlm_section(parts: dict) -> list[str]:
+    results = parts.get("vlm_step", {}).get("results") or {}
+    dims = results.get("model") or {}
+    lines = [
+        "",
+        "## Vision-language LoRA step",
+        "",
+        (
+            f"Qwen2.5-VL, random weights: {dims.get('layers')} decoder layers (hidden {dims.get('hidden')}, "
+            f"vocabulary {dims.get('vocab')}), {dims.get('vision_layers')} vision blocks (width "
+            f"{dims.get('vision_hidden')}); one image of {dims.get('image_tokens')} visual tokens + "
+            f"{dims.get('text_tokens')} text tokens; LoRA r={dims.get('rank')} on vision and language layers, AdamW, "
+            f"{dims.get('steps')} steps (tokens/s over all but the first); peak memory with the weights."
+        ),
+        "",
+        "| contender | tokens/s | x plain | peak memory | of plain | status |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in results.get("rows") or []:
+        lines.append(
+            f"| {r['contender']} | {_fmt(r.get('tokens_per_s'), '.4g')} | {_fmt(r.get('x_plain'), '.2f')} | "
+            f"{_gb(r.get('peak_bytes'))} | {_fmt(r.get('memory_of_plain'), '.2f')} | {_status(r)} |"
+        )
+    return lines
+
+
 def _header(meta: dict, device: dict) -> list[str]:
     return [
         (
@@ -214,6 +242,8 @@ def markdown(record: dict) -> str:
         "",
         *_context_rows(context),
         *_rl_sections(parts),
+        *gpu_moe.markdown_rows(parts.get("moe_step", {}).get("results") or {}),
+        *_vlm_section(parts),
     ]
     return "\n".join(lines) + "\n"
 

@@ -1,4 +1,4 @@
-"""Single-input activations of non-gated MLPs, ``h = act(u)``: GELU (erf and tanh), relu^2 and xIELU.
+"""Single-input activations of non-gated MLPs, ``h = act(u)``: GELU (erf, tanh, quick), relu^2 and xIELU.
 
 Forward, per element, with Phi / phi the standard normal CDF / density and s = sigmoid::
 
@@ -7,6 +7,8 @@ Forward, per element, with Phi / phi the standard normal CDF / density and s = s
                  k(u)     = sqrt(2/pi) (u + 0.044715 u^3)               GELUTanh ("gelu_pytorch_tanh": StarCoder2),
                                                                         FastGELU, AccurateGELU, nn.GELU("tanh")
     "relu2"      relu2(u) = max(u, 0)^2                                 ReLUSquaredActivation (Nemotron, Persimmon)
+    "quick_gelu" qgelu(u) = u s(1.702 u)                                QuickGELUActivation (CLIP towers: LLaVA,
+                                                                        Qwen2-VL's vision MLP)
     xIELU        u > 0:   a_p u^2 + beta u                              XIELUActivation (Apertus)
                  u <= 0:  (expm1(min(u, eps)) - u) a_n + beta u
                  a_p = softplus(alpha_p),  a_n = beta + softplus(alpha_n)   (alpha_p, alpha_n: trainable scalars)
@@ -18,6 +20,7 @@ Backward, with dh = dL/dh::
     gelu_tanh':  s + u * 2 s (1 - s) * k'(u),  s = s(2k),  k'(u) = sqrt(2/pi) (1 + 3 * 0.044715 u^2)
                  (1 + tanh(k)) / 2 = s(2k) and 1 - tanh(k)^2 = 4 s (1 - s): no tanh is evaluated)
     relu2':      2 max(u, 0)
+    quick_gelu': s + 1.702 u s (1 - s),  s = s(1.702 u)   (1 - s from sigmoid_pair, no cancellation)
     xIELU':      u > 0:        2 a_p u + beta
                  u < eps:      expm1(u) a_n + beta           (d expm1(u) / du = expm1(u) + 1)
                  u == eps:     (expm1(eps) / 2 - 1/2) a_n + beta    (torch.min gives half the gradient to each
@@ -64,15 +67,17 @@ from fastft.kernels._spec import AuditCase, Ptr
 from fastft.kernels.geglu import _gelu_and_derivative_torch
 from fastft.kernels.swiglu import _TRITON_DTYPES, _as_rows, _compute_dtype, _launch_config
 
-ActivationName = Literal["gelu", "gelu_tanh", "relu2"]
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu2", "xielu")
+ActivationName = Literal["gelu", "gelu_tanh", "relu2", "quick_gelu"]
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu2", "quick_gelu", "xielu")
 _SUPPORTED_DTYPES = (*_TRITON_DTYPES, torch.float64)
 # The activation as a compile-time constant of the kernels.
 _GELU = tl.constexpr(0)
 _GELU_TANH = tl.constexpr(1)
 _RELU2 = tl.constexpr(2)
 _XIELU = tl.constexpr(3)
-_CODES = {"gelu": 0, "gelu_tanh": 1, "relu2": 2, "xielu": 3}
+_QUICK_GELU = tl.constexpr(4)
+_CODES = {"gelu": 0, "gelu_tanh": 1, "relu2": 2, "quick_gelu": 4, "xielu": 3}
+_QUICK = 1.702  # QuickGELUActivation's constant
 # torch.nn.functional.softplus(x) is x itself above this (beta = 1), and its derivative 1.
 _SOFTPLUS_THRESHOLD = 20.0
 
@@ -121,6 +126,8 @@ def activation_reference(u: torch.Tensor, activation: Activation) -> torch.Tenso
         return F.gelu(u, approximate="tanh")
     if activation == "relu2":
         return torch.square(F.relu(u))
+    if activation == "quick_gelu":
+        return u * torch.sigmoid(_QUICK * u)
     raise ValueError(f"activation_reference: unknown activation {activation!r}; use one of {ACTIVATIONS}")
 
 
@@ -173,6 +180,9 @@ def _activation_forward_kernel(
     elif ACTIVATION == _RELU2:
         positive = tl.maximum(u, 0.0)
         h = positive * positive
+    elif ACTIVATION == _QUICK_GELU:
+        s, _ = sigmoid_pair(1.702 * u)
+        h = u * s
     else:  # _XIELU
         alpha_p, alpha_n, beta, eps = _load_xielu_coefficients(coeff_ptr)
         em1 = _expm1(tl.minimum(u, eps))
@@ -213,6 +223,9 @@ def _activation_backward_kernel(
         slope = cdf + u * (2.0 * cdf * one_minus_cdf) * (0.7978845608028654 * (1.0 + 3.0 * 0.044715 * u2))
     elif ACTIVATION == _RELU2:
         slope = 2.0 * tl.maximum(u, 0.0)
+    elif ACTIVATION == _QUICK_GELU:
+        s, one_minus_s = sigmoid_pair(1.702 * u)
+        slope = s + (1.702 * u) * (s * one_minus_s)  # s (1 - s) is exactly 0 where 1.702 u overflows exp: no inf * 0
     else:  # _XIELU
         alpha_p, alpha_n, beta, eps = _load_xielu_coefficients(coeff_ptr)
         em1 = _expm1(tl.minimum(u, eps))
@@ -307,6 +320,8 @@ def _activation_forward_torch(u: torch.Tensor, kind: str, coeffs: torch.Tensor |
     v = u.to(_compute_dtype(u.dtype))
     if kind == "relu2":
         h = v.clamp_min(0.0).square_()
+    elif kind == "quick_gelu":
+        h = v * torch.sigmoid(_QUICK * v)
     elif kind == "xielu":
         h = _xielu_terms_torch(v, coeffs, slope=False)[0]
     else:
@@ -327,6 +342,9 @@ def _activation_backward_torch(
     dalpha = None
     if kind == "relu2":
         slope = v.clamp_min(0.0).mul_(2.0)
+    elif kind == "quick_gelu":
+        s = torch.sigmoid(_QUICK * v)
+        slope = s + (_QUICK * v) * (s * torch.sigmoid(-_QUICK * v))
     elif kind == "xielu":
         _, slope, d_alpha_p, d_alpha_n = _xielu_terms_torch(v, coeffs, slope=need_du)
         if need_dalpha:
@@ -409,8 +427,8 @@ def _resolve(op: str, activation: object, x: torch.Tensor) -> tuple[str, torch.T
         )
     if activation not in ACTIVATIONS:
         raise ValueError(
-            f"{op}: activation must be one of 'gelu' (erf GELU), 'gelu_tanh' (gelu_new, gelu_pytorch_tanh), 'relu2' "
-            f"or an XIELU, got {activation!r}."
+            f"{op}: activation must be one of 'gelu' (erf GELU), 'gelu_tanh' (gelu_new, gelu_pytorch_tanh), 'relu2', "
+            f"'quick_gelu' or an XIELU, got {activation!r}."
         )
     return activation, None, None
 
@@ -451,7 +469,8 @@ class ActivationFunction(torch.autograd.Function):
 
 def activation(x: torch.Tensor, activation: Activation) -> torch.Tensor:
     """``act(x)`` elementwise with fused Triton forward/backward kernels: "gelu" (erf), "gelu_tanh" (gelu_new,
-    gelu_pytorch_tanh), "relu2" (relu(x)^2) or an :class:`XIELU` (Apertus' xIELU, trainable alphas).
+    gelu_pytorch_tanh), "relu2" (relu(x)^2), "quick_gelu" (x sigmoid(1.702 x), CLIP) or an :class:`XIELU`
+    (Apertus' xIELU, trainable alphas).
 
     ``x`` is float32, bfloat16, float16 (float64 runs the torch path in float64) of any shape; the result has
     x's shape and dtype, computed in fp32 and rounded once (see the module docstring for how that compares
@@ -471,7 +490,7 @@ def activation_name(act: object) -> str | None:
     """Which of :data:`ACTIVATIONS` a transformers activation module (or any callable) computes, or None.
 
     Checked numerically, on fp32 points from -12 to 12 (so a clipped GELU, ``gelu_10``, is not taken for
-    GELU): "gelu", "gelu_tanh", "relu2"; "xielu" for a module with xIELU's parameters (``alpha_p``,
+    GELU): "gelu", "gelu_tanh", "relu2", "quick_gelu"; "xielu" for a module with xIELU's parameters (``alpha_p``,
     ``alpha_n``, ``beta``, ``eps``) whose output is xIELU's with those parameters (accepted without a check on
     the meta device). For "xielu" build the argument with ``XIELU.from_module(act)``.
     """
@@ -483,7 +502,9 @@ def activation_name(act: object) -> str | None:
     if is_xielu and device.type == "meta":
         return "xielu"
     x = torch.linspace(-12.0, 12.0, 961, device=device)
-    candidates = {"xielu": XIELU.from_module(act)} if is_xielu else {name: name for name in ACTIVATIONS[:3]}
+    candidates = (
+        {"xielu": XIELU.from_module(act)} if is_xielu else {name: name for name in ACTIVATIONS if name != "xielu"}
+    )
     with torch.no_grad():
         try:
             y = act(x)

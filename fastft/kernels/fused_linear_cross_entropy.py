@@ -9,7 +9,9 @@ Forward, for hidden states h (N, H) (leading dims flattened), the head weight W 
     L      = sum_i loss_i / D                   D = 1 ("sum"), max(#non-ignored, 1) ("mean"), or the
                                                 caller's num_items_in_batch ("mean" with it); "none": loss_i
 
-The rows are processed in chunks of C tokens. Per chunk the (C, V) logits are computed with a torch matmul
+With reduction "mean" or "sum", rows whose label is ``ignore_index`` are dropped before anything is computed
+(``index_select`` of the live rows; autograd keeps the index and scatters dL/dh back): in a multimodal sequence the
+image tokens, padding and prompt never reach the head. The rows are processed in chunks of C tokens. Per chunk the (C, V) logits are computed with a torch matmul
 (cuBLAS), the cross-entropy row function of ``cross_entropy.py`` (Triton, or its torch path) turns them into
 per-row losses and overwrites them IN PLACE with ``G = d loss_i / d x_i`` (softcap and scale chain rule
 included), and the gradients are formed from G while it is still there. Only one chunk of logits ever
@@ -397,6 +399,13 @@ def fused_linear_cross_entropy(
     _check_loss_options("fused_linear_cross_entropy", reduction, num_items_in_batch, softcap, logit_scale)
     flat_labels = _checked_labels("fused_linear_cross_entropy", labels, vocab, ignore_index, hidden.device)
     h = hidden.reshape(-1, n_embd)  # a view when it can be; the matmuls take any strides
+    if reduction != "none":
+        # Ignored positions (a multimodal sequence's image tokens, padding, the prompt) cost no GEMM: the live rows
+        # are gathered first (one host sync on GPU); autograd keeps only their index, and scatters dL/dh back.
+        live = flat_labels != ignore_index
+        if bool(live.any()) and not bool(live.all()):
+            keep = live.nonzero().squeeze(1)
+            h, flat_labels = h.index_select(0, keep), flat_labels.index_select(0, keep)
     loss = FusedLinearCrossEntropyFunction.apply(
         h,
         weight,

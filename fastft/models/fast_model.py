@@ -400,6 +400,7 @@ class FastModel:
         init_lora_weights: bool | str = True,
         loftq_config: Any = None,
         max_seq_length: int | None = None,
+        tiled_mlp: bool | int = False,
         **kwargs: Any,
     ) -> peft.PeftModel:
         """Wrap ``model`` in LoRA adapters (``peft.get_peft_model`` with a ``CAUSAL_LM`` ``LoraConfig``), patched.
@@ -412,8 +413,9 @@ class FastModel:
         Quantised bases are not upcast (PEFT's prepare_model_for_kbit_training casts every non-4-bit weight to
         fp32; fastft's kernels accumulate in fp32 already); PEFT freezes the base and keeps adapters in fp32, and
         fp16 ``modules_to_save`` copies are made fp32 so a GradScaler can unscale them. ``max_seq_length``
-        replaces the one given at load; other ``kwargs`` are ``LoraConfig`` fields (``use_dora``,
-        ``layers_to_transform``, ...).
+        replaces the one given at load; ``tiled_mlp`` (True, or rows per tile) runs the MLPs over sequence tiles
+        for long contexts (:func:`fastft.models.long_context.set_long_context`); other ``kwargs`` are
+        ``LoraConfig`` fields (``use_dora``, ``layers_to_transform``, ...).
         """
         if isinstance(model, peft.PeftModel):
             raise TypeError("get_peft_model: the model already has adapters (it is a PeftModel); pass the base model")
@@ -460,7 +462,12 @@ class FastModel:
         set_checkpointing(peft_model, mode)
         if max_seq_length is not None:
             _set_max_seq_length(model, max_seq_length)
-        return _finish(peft_model)
+        peft_model = _finish(peft_model)
+        if tiled_mlp:
+            from fastft.models.long_context import set_long_context
+
+            set_long_context(peft_model, tiled_mlp=tiled_mlp)
+        return peft_model
 
     @staticmethod
     def for_training(model: nn.Module) -> nn.Module:

@@ -26,12 +26,15 @@ from fastft.kernels.geglu import geglu
 from fastft.kernels.layer_norm import layer_norm
 from fastft.kernels.lora import lora_linear, lora_mlp, lora_qkv
 from fastft.kernels.lora_ungated_mlp import lora_ungated_mlp
+from fastft.kernels.mrope import mrope_tables
 from fastft.kernels.rms_norm import rms_norm
 from fastft.kernels.rms_norm_gated import rms_norm_gated
 from fastft.kernels.swiglu import swiglu
+from fastft.kernels.tiled_mlp import tiled_lora_mlp
 from fastft.models.projections import read_projection
 from fastft.models.recognize import AttentionLayout, LayerNormSpec, MLPLayout, UngatedLayout, apply_dropout
 from fastft.models.rotary import ACTIVE as _ROPE_ACTIVE
+from fastft.models.rotary import TableLayout, table_positions
 from fastft.models.zero3 import gathered_head
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
@@ -130,10 +133,12 @@ class FastGatedMLP:
         names = (layout.gate_up, layout.down) if layout.gate_up else (layout.gate, layout.up, layout.down)
         projections = [read_projection(getattr(self, n)) for n in names]
         if all(p is not None for p in projections):
-            if layout.gate_up:
-                y = lora_mlp(x, projections[0], None, projections[1], layout.activation)
+            gate, up, down = (projections[0], None, projections[1]) if layout.gate_up else projections
+            tile = self.__dict__.get("_fastft_mlp_tile")  # set by fastft.models.long_context.set_long_context
+            if tile is not None:  # 0: the tile size follows free memory
+                y = tiled_lora_mlp(x, gate, up, down, layout.activation, tile_tokens=tile or None)
             else:
-                y = lora_mlp(x, *projections, layout.activation)
+                y = lora_mlp(x, gate, up, down, layout.activation)
             return apply_dropout(self, layout.dropout, y)
         # Fallback (8-bit or DoRA layers, several active adapters, ...): the modules themselves, fused activation.
         if layout.gate_up:
@@ -201,6 +206,8 @@ class FastAttention:
 
     def _precompute_qkv(self, x: object) -> tuple[str, ...]:
         layout = self._fastft_layout
+        for name in layout.single:  # MLA's low-rank projections (PEFT may have replaced them since patching)
+            swap_class(getattr(self, name), FastProjection)
         if layout.q is None or not isinstance(x, torch.Tensor) or self.__dict__.get("_fastft_qkv_unused"):
             swap_class(getattr(self, layout.qkv or layout.o), FastProjection)
             swap_class(getattr(self, layout.o), FastProjection)
@@ -216,6 +223,35 @@ class FastAttention:
         for module, out in zip(modules, outputs):
             module.__dict__["_fastft_pending"] = (x, out)
         return names
+
+
+# ------------------------------------------------------------------------------------------------ rotary tables
+
+
+def rotary_tables(module: nn.Module, layout: TableLayout, x: torch.Tensor, position_ids: torch.Tensor):
+    """The cos/sin tables of a multimodal rotary embedding module through :func:`fastft.kernels.mrope_tables`, or
+    None for a call its layout does not describe."""
+    found = table_positions(layout, position_ids)
+    if found is None:
+        return None
+    positions, lead = found
+    inv_freq = module.inv_freq.detach()
+    freq = inv_freq[layout.freq_index.to(inv_freq.device)].to(torch.float32)
+    scale = float(getattr(module, "attention_scaling", 1.0) or 1.0)
+    dtype = x.dtype if layout.cast else torch.float32
+    cos, sin = mrope_tables(positions, layout.axis.to(inv_freq.device), freq, scale, dtype)
+    return cos.view(*lead, -1), sin.view(*lead, -1)
+
+
+class FastRotaryTable:
+    """A Qwen-VL-style rotary embedding (the language model's M-RoPE sections, the vision tower's 2-D axes) whose
+    cos/sin tables come from one kernel launch over the integer positions."""
+
+    _fastft_table: TableLayout
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
+        tables = None if _has_values(args, kwargs) else rotary_tables(self, self._fastft_table, x, position_ids)
+        return super().forward(x, position_ids, *args, **kwargs) if tables is None else tables
 
 
 # ------------------------------------------------------------------------------------------------ causal-LM loss

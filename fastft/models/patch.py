@@ -7,8 +7,8 @@ takes arguments the fast class does not, leaves that block as it was and is repo
 blocks of the decoder layers that stay on transformers' code are named in one log line and in
 ``model.fastft_report``. Patching is idempotent: a second call changes nothing and returns the same report.
 
-Composite (multimodal) models patch their language model, with the text config; the vision tower is left as
-it is. The fused loss is decided per model by probing its own head-and-loss path
+Composite (multimodal) models patch their language model with the text config, then their vision tower (and
+any other tower) with the vision config, by the same recognisers and probes (``report.vision``). The fused loss is decided per model by probing its own head-and-loss path
 (:func:`fastft.models.recognize.probe_head`), not by its name.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastft.models import layers, rotary
+from fastft.models import experts, layers, rotary
 from fastft.models.families import family_of
 from fastft.models.recognize import (
     HeadTransform,
@@ -62,19 +62,33 @@ class PatchReport:
     norms: int = 0
     mlps: int = 0
     attentions: int = 0
+    experts: int = 0
     fused_loss: bool = False
+    tables: int = 0  # multimodal rotary embeddings whose cos/sin tables come from fastft.kernels.mrope
     head: HeadTransform | None = None
     skipped: dict[str, str] = field(default_factory=dict)
+    vision: PatchReport | None = None  # the vision (and other non-language) towers of a composite model
 
     def summary(self) -> str:
         done = (
             f"fastft: patched {self.model_type}: {self.norms} norms, {self.mlps} MLP, "
-            f"{self.attentions} attention (fused LoRA projections, fastft RoPE), fused loss {'on' if self.fused_loss else 'off'}"
+            f"{self.attentions} attention (fused LoRA projections, fastft RoPE), "
+            + (f"{self.experts} experts (grouped kernel), " if self.experts else "")
+            + f"fused loss {'on' if self.fused_loss else 'off'}"
         )
-        if not self.skipped:
-            return done
-        left = "; ".join(f"{kind} ({reason})" for kind, reason in sorted(self.skipped.items()))
-        return f"{done}; left on transformers' code: {left}"
+        if self.tables:
+            done = f"{done}, {self.tables} M-RoPE tables"
+        if self.skipped:
+            left = "; ".join(f"{kind} ({reason})" for kind, reason in sorted(self.skipped.items()))
+            done = f"{done}; left on transformers' code: {left}"
+        if self.vision is not None:
+            v = self.vision
+            done = f"{done}; vision tower: {v.norms} norms, {v.mlps} MLP, {v.attentions} attention"
+            done = f"{done}, {v.tables} rotary tables" if v.tables else done
+            if v.skipped:
+                left = "; ".join(f"{kind} ({reason})" for kind, reason in sorted(v.skipped.items()))
+                done = f"{done}, left on transformers' code: {left}"
+        return done
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -137,6 +151,9 @@ class _Walk:
     ungated: dict[type, object] = field(default_factory=dict)
     mlp_layouts: dict[type, object] = field(default_factory=dict)
     ropes: dict[type, dict[str, rotary.Convention | None]] = field(default_factory=dict)
+    experts_specs: dict[type, tuple[experts.ExpertsSpec | None, str]] = field(default_factory=dict)
+    dispatched: list[nn.Module] = field(default_factory=list)  # experts switched through ExpertsInterface
+    tables: dict[type, rotary.TableLayout | None] = field(default_factory=dict)
 
     def skip(self, module: nn.Module, reason: str) -> None:
         self.report.skipped.setdefault(type(module).__name__, reason)
@@ -185,16 +202,26 @@ def _patch_layer_norm(module: nn.Module, walk: _Walk) -> None:
     walk.report.norms += 1
 
 
+def _input_width(module: nn.Module, name: str | None, walk: _Walk) -> int | None:
+    """The input width of an MLP: its first projection's (a vision tower's MLP is narrower than the text model's),
+    else the walk's hidden size."""
+    weight = getattr(getattr(module, name, None), "weight", None) if name else None
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and not weight.is_meta:
+        return weight.shape[1]
+    return walk.hidden_size
+
+
 def _patch_mlp(module: nn.Module, layout: object, walk: _Walk) -> None:
     cls = type(module)
     if not forward_takes_one_tensor(cls):
         walk.skip(module, "its forward takes more than the input")
         return
-    if walk.hidden_size is None:
+    width = _input_width(module, layout.gate_up or layout.gate, walk)
+    if width is None:
         walk.skip(module, "the config has no hidden_size to probe the MLP with")
         return
     if cls not in walk.mlp_layouts:
-        walk.mlp_layouts[cls] = probe_mlp(module, layout, walk.hidden_size, walk.dtype)
+        walk.mlp_layouts[cls] = probe_mlp(module, layout, width, walk.dtype)
     if walk.mlp_layouts[cls] is None:
         walk.skip(module, "MLP wiring not recognised")
         return
@@ -205,11 +232,12 @@ def _patch_mlp(module: nn.Module, layout: object, walk: _Walk) -> None:
 
 def _patch_ungated_mlp(module: nn.Module, layout: object, walk: _Walk) -> None:
     cls = type(module)
-    if not forward_takes_one_tensor(cls) or walk.hidden_size is None:
+    width = _input_width(module, layout.up, walk)
+    if not forward_takes_one_tensor(cls) or width is None:
         walk.skip(module, "its forward takes more than the input")
         return
     if cls not in walk.ungated:
-        walk.ungated[cls] = layout if probe_ungated_mlp(module, layout, walk.hidden_size, walk.dtype) else None
+        walk.ungated[cls] = layout if probe_ungated_mlp(module, layout, width, walk.dtype) else None
     if walk.ungated[cls] is None:
         walk.skip(module, "MLP wiring not recognised")
         return
@@ -246,8 +274,92 @@ def _patch_attention(module: nn.Module, att: object, walk: _Walk) -> None:
     walk.report.attentions += 1
 
 
+def _patch_experts(module: nn.Module, walk: _Walk) -> None:
+    """Routed experts: probed once per class; through transformers' ``ExpertsInterface`` where the class
+    dispatches there (switched for the whole model after the walk), else the instance's class is swapped."""
+    cls = type(module)
+    if experts.is_patched(module):
+        walk.report.experts += 1
+        if experts.uses_interface(module):
+            walk.dispatched.append(module)
+        return
+    if experts.uses_interface(module):  # what a block the probe rejects keeps running
+        module.__dict__.setdefault("_fastft_previous", module.config._experts_implementation)
+    if cls not in walk.experts_specs:
+        walk.experts_specs[cls] = experts.probe_safely(module, walk.dtype)
+    spec, reason = walk.experts_specs[cls]
+    if spec is None:
+        module.__dict__["_fastft_experts"] = None
+        walk.skip(module, reason)
+        return
+    module.__dict__["_fastft_experts"] = spec
+    if experts.uses_interface(module):
+        walk.dispatched.append(module)
+    else:
+        layers.swap_class(module, experts.FastExperts)
+    walk.report.experts += 1
+
+
+def _patch_input_scaled(module: nn.Module, base: nn.Module, walk: _Walk) -> None:
+    """A Llama-4-style MoE block (router-scaled inputs, experts without routing): the block's class is swapped
+    so that only the top-k pairs run, through the grouped experts (see :class:`experts.FastInputScaledMoE`)."""
+    if isinstance(module, experts.FastInputScaledMoE):
+        walk.report.experts += 1
+        return
+    if walk.hidden_size is None or not forward_takes_one_tensor(type(module)):
+        walk.skip(module, "routed experts: its forward takes more than the input")
+        return
+    reason = experts.probe_input_scaled(module, base, walk.hidden_size, walk.dtype)
+    if reason:
+        walk.skip(module, reason)
+        return
+    walk.report.experts += 1
+
+
+def _switch_experts_implementation(root: nn.Module, walk: _Walk) -> None:
+    """``set_experts_implementation("fastft")`` on the model; an experts block whose config did not take it
+    (a submodel transformers does not switch) has its class swapped instead."""
+    if not walk.dispatched:
+        return
+    setter = getattr(root, "set_experts_implementation", None)
+    if callable(setter):
+        try:
+            setter(experts.IMPLEMENTATION)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            logger.info("fastft: set_experts_implementation failed (%s); patching the experts instances", exc)
+    for module in walk.dispatched:
+        if getattr(module.config, "_experts_implementation", None) != experts.IMPLEMENTATION:
+            layers.swap_class(module, experts.FastExperts)
+
+
+def _patch_table(module: nn.Module, layout: rotary.TableLayout, walk: _Walk) -> None:
+    cls = type(module)
+    if cls not in walk.tables:
+        walk.tables[cls] = rotary.probe_table(module, layout, layers.rotary_tables)
+    if walk.tables[cls] is None:
+        walk.skip(module, "rotary table layout not recognised")
+        return
+    module._fastft_table = walk.tables[cls]
+    layers.swap_class(module, layers.FastRotaryTable)
+    walk.report.tables += 1
+
+
 def _patch_module(module: nn.Module, walk: _Walk) -> None:
     """Recognise, probe and swap one module (or leave it, with the reason, if any step disagrees)."""
+    if experts.experts_structure(module) is not None:
+        _patch_experts(module, walk)
+        return
+    scaled = experts.input_scaled_structure(module)
+    if scaled is not None:
+        _patch_input_scaled(module, scaled, walk)
+        return
+    if isinstance(module, layers.FastRotaryTable):
+        walk.report.tables += 1
+        return
+    table = rotary.table_layout(module)
+    if table is not None:
+        _patch_table(module, table, walk)
+        return
     if isinstance(module, (layers.FastGatedMLP, layers.FastUngatedMLP)):
         walk.report.mlps += 1
         return
@@ -299,6 +411,63 @@ def _decoder_layers(walk_root: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
+def other_towers(root: nn.Module, walk_root: nn.Module) -> list[nn.Module]:
+    """The largest submodules of ``root`` outside its language model ``walk_root`` (a composite model's vision
+    tower, projector, audio tower, output head); none when the language model is the whole model."""
+    if walk_root is root:
+        return []
+    inside = {id(m) for m in walk_root.modules()}
+    towers: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if id(child) in inside:
+                continue
+            if any(id(m) in inside for m in child.modules()):
+                visit(child)
+            else:
+                towers.append(child)
+
+    visit(root)
+    return towers
+
+
+def _patch_towers(root: nn.Module, walk_root: nn.Module, walk: _Walk) -> None:
+    """Walk the vision (and audio) towers of a composite model with the same recognisers and probes as the
+    language model, with the tower's own config; counted and reported in ``report.vision``."""
+    towers = [t for t in other_towers(root, walk_root) if any(True for _ in t.parameters())]
+    towers = (
+        [t for t in towers if t is not root.get_output_embeddings()]
+        if hasattr(root, "get_output_embeddings")
+        else towers
+    )
+    if not towers:
+        return
+    config = root.config
+    vision_config = getattr(config, "vision_config", None) or config
+    width = next(
+        (
+            getattr(vision_config, a)
+            for a in ("embed_dim", "hidden_size")
+            if isinstance(getattr(vision_config, a, None), int)
+        ),
+        None,
+    )
+    report = PatchReport(f"{walk.report.model_type} vision")
+    vision = _Walk(report=report, hidden_size=width, text=vision_config, norm_offset=0.0, dtype=walk.dtype,
+                   device=walk.device)  # fmt: skip
+    for tower in towers:
+        for module in list(tower.modules()):
+            try:
+                _patch_module(module, vision)
+            except Exception as exc:  # noqa: BLE001 - a block fastft cannot handle stays as it is
+                vision.skip(module, f"probe failed ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})")
+        for layer in _decoder_layers(tower):
+            for module in _unpatched_kinds(layer):
+                vision.skip(module, _reason(module))
+    walk.report.vision = report
+
+
 def _is_leaf_kind(module: nn.Module) -> bool:
     """Modules whose plain code is all there is to run: projections (linear, LoRA, quantised), embeddings,
     dropout and activations (no parameters)."""
@@ -315,14 +484,18 @@ def _is_leaf_kind(module: nn.Module) -> bool:
     )
 
 
+def _is_fast(module: nn.Module) -> bool:
+    return isinstance(module, (*_FAST_KINDS, experts.FastInputScaledMoE)) or experts.is_patched(module)
+
+
 def _unpatched_kinds(module: nn.Module) -> list[nn.Module]:
     """The outermost blocks under ``module`` that run transformers' code although they are more than a
     projection: a block with weights of its own (experts, a conv, an SSM), or whose every part is unpatched."""
-    if isinstance(module, _FAST_KINDS) or _is_leaf_kind(module):
+    if _is_fast(module) or _is_leaf_kind(module):
         return []
     if next(module.parameters(recurse=False), None) is not None:
         return [module]
-    if not any(isinstance(m, _FAST_KINDS) for m in module.modules()):
+    if not any(_is_fast(m) for m in module.modules()):
         return [module]  # a whole block on transformers' code
     return [k for child in module.children() for k in _unpatched_kinds(child)]
 
@@ -335,7 +508,7 @@ def _reason(module: nn.Module) -> str:
     if any("expert" in type(m).__name__.lower() or "moe" in type(m).__name__.lower() for m in module.modules()) or any(
         p.dim() == 3 for p in module.parameters()
     ):
-        return "routed experts: no fastft kernel yet"
+        return "routed experts: layout not recognised"
     if "norm" in name:
         return "norm formula not recognised"
     if "attention" in name or "attn" in name:
@@ -392,10 +565,12 @@ def patch(model: nn.Module, *, fused_loss: bool = True) -> nn.Module:
             _patch_module(module, walk)
         except Exception as exc:  # noqa: BLE001 - a block fastft cannot handle stays as it is
             walk.skip(module, f"probe failed ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})")
+    _switch_experts_implementation(root, walk)
 
     for layer in _decoder_layers(walk_root):
         for module in _unpatched_kinds(layer):
             walk.skip(module, _reason(module))
+    _patch_towers(root, walk_root, walk)
 
     if isinstance(root, layers.FastCausalLM) and not report.fused_loss:
         root.fastft_return_logits = True
@@ -407,7 +582,7 @@ def patch(model: nn.Module, *, fused_loss: bool = True) -> nn.Module:
         trl_integration.remember_source(root, fused_loss)
         trl_integration.install()
 
-    if report.norms + report.mlps + report.attentions == 0 and not report.fused_loss:
+    if report.norms + report.mlps + report.attentions + report.experts == 0 and not report.fused_loss:
         logger.warning("fastft: %s has no block fastft recognises; it runs unpatched (correct, not faster)", model_type)
     logger.info(report.summary())
     model.fastft_report = report

@@ -40,7 +40,7 @@ from tests.helpers import BACKENDS, DTYPES, assert_no_worse_than_torch, backend
 
 LAYOUTS = ("contiguous", "strided", "batched", "transposed")
 # The transformers module whose output in the dtype under test is the baseline ("what users run today").
-BASELINE = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu2": "relu2"}
+BASELINE = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu2": "relu2", "quick_gelu": "quick_gelu"}
 # Named tolerances of fastft against the transformers modules (same inputs, same dtype).
 F_GELU_FP32 = 1e-6  # F.gelu uses libm erf/tanh in fp32, the kernel its own polynomials: relative to max |h|
 F_GELU_LOW_PRECISION_ULPS = 1.0  # both compute in fp32 and round once: at most one ulp apart in bf16/fp16
@@ -108,6 +108,10 @@ def _float64(u, spec, dh):
     elif spec == "relu2":
         h = F.relu(u64) ** 2
         slope_terms, h_terms = 2 * F.relu(u64), h.abs()
+    elif spec == "quick_gelu":
+        s = torch.sigmoid(1.702 * u64)
+        h = u64 * s
+        slope_terms, h_terms = s.abs() + (1.702 * u64 * s * torch.sigmoid(-1.702 * u64)).abs(), h.abs()
     else:
         with torch.no_grad():
             a_p = F.softplus(spec.alpha_p).double()
@@ -190,6 +194,9 @@ def _hand_value_and_slope(u, spec):
         )
     if spec == "relu2":
         return F.relu(u) ** 2, 2 * F.relu(u)
+    if spec == "quick_gelu":  # s' = s (1 - s)
+        s = 1 / (1 + torch.exp(-1.702 * u))
+        return u * s, s + 1.702 * u * s * (1 - s)
     a_p, a_n = F.softplus(spec.alpha_p), spec.beta + F.softplus(spec.alpha_n)
     beta, eps = spec.beta, spec.eps
     value = torch.where(u > 0, a_p * u * u + beta * u, (torch.expm1(torch.clamp(u, max=eps)) - u) * a_n + beta * u)
@@ -360,9 +367,9 @@ def test_activation_name_recognises_the_transformers_modules():
         "gelu_fast": "gelu_tanh",
         "gelu_accurate": "gelu_tanh",
         "relu2": "relu2",
+        "quick_gelu": "quick_gelu",
         # not one of these activations: left to transformers
         "gelu_10": None,  # clipped at +-10: the probe reaches 12
-        "quick_gelu": None,
         "silu": None,
         "relu": None,
         "relu6": None,
@@ -503,7 +510,7 @@ def test_backward_in_place_writes_du_over_dh(backward, kind):
 def test_errors_name_the_problem():
     u = torch.randn(2, 8)
     gen = torch.Generator().manual_seed(11)
-    with pytest.raises(ValueError, match=r"activation must be one of 'gelu'.*'relu2' or an XIELU, got 'silu'"):
+    with pytest.raises(ValueError, match=r"activation must be one of 'gelu'.*'quick_gelu' or an XIELU, got 'silu'"):
         activation(u, "silu")
     with pytest.raises(ValueError, match=r"pass XIELU\(alpha_p, alpha_n, beta, eps\) or XIELU.from_module"):
         activation(u, "xielu")

@@ -335,8 +335,10 @@ def test_matches_float64_triton_backend(dtype, case):
 @pytest.mark.parametrize("be", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_forced_chunks_equal_one_chunk(be, reduction):
-    """10 rows in chunks of 3 (3+3+3+1 balanced to 3,3,3,1) give the one-chunk result; the chunks really ran."""
+    """10 rows in chunks of 3 (3+3+3+1 balanced to 3,3,3,1) give the one-chunk result; the chunks really ran ("mean"
+    drops ignored rows before chunking: ceil(live / 3) chunks)."""
     hidden, weight, bias, labels = make_inputs((10,), 12, 41, seed=7, bias=True)
+    rows_run = 10 if reduction == "none" else int((labels != -100).sum())
     results = []
     for rows in (None, 3):
         counter = ChunkCounter()
@@ -345,7 +347,7 @@ def test_forced_chunks_equal_one_chunk(be, reduction):
             results.append(run(fused_linear_cross_entropy, hidden, weight, bias, labels, torch.float32,
                                reduction=reduction, softcap=4.0))  # fmt: skip
         # forward only (scalar), or forward + the recompute in backward ("none" with a trainable weight)
-        assert counter.calls == (1 if rows is None else 4) * (2 if reduction == "none" else 1)
+        assert counter.calls == (1 if rows is None else -(-rows_run // 3)) * (2 if reduction == "none" else 1)
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads_b, grads_a):
@@ -466,9 +468,14 @@ def test_saved_tensor_bytes(reduction, train_w, train_b):
     if reduction == "none" and (train_w or train_b):
         # hidden, weight, bias themselves (no copies) and the int64 labels: backward recomputes the chunks
         expected = n * h * s + v * h * s + v * s + n * 8
-    else:
+    elif reduction == "none":
         # the finished gradients, each only when needed
         expected = n * h * s + (v * h * s if train_w else 0) + (v * s if train_b else 0)
+    else:
+        # "mean"/"sum" keep only the live rows' dL/dh and their int64 index (ignored rows were never computed)
+        live = int((labels != -100).sum())
+        assert 0 < live < n
+        expected = live * h * s + live * 8 + (v * h * s if train_w else 0) + (v * s if train_b else 0)
     assert meter.total_bytes == expected, [(t.shape, t.dtype) for t in meter.saved]
     with torch.no_grad(), SavedTensorMeter() as meter:
         fused_linear_cross_entropy(hd, w, labels, b, reduction=reduction)
@@ -580,3 +587,33 @@ def test_bad_arguments(mutate, error, match):
 def test_audit_cases_is_empty():
     """No Triton kernel of its own: cuBLAS matmuls and cross_entropy.py's row kernel (audited there)."""
     assert audit_cases() == []
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_ignored_rows_never_reach_the_head(be):
+    """A multimodal sequence: 3 of 24 positions carry a label (image tokens, padding and the prompt are -100). Only
+    those rows are computed (the row function sees 3 rows) and autograd keeps a 3-row dL/dh and the index, not 24
+    rows; the loss and dL/dh (0 on ignored rows) equal the float64 formula."""
+    hidden, weight, _, labels = make_inputs((2, 12), 16, 37, seed=11, ignore_frac=0.0)
+    labels[:] = -100
+    labels[0, 9], labels[0, 10], labels[1, 11] = 3, 5, 7
+    seen = []
+
+    def rows(logits, *args, **kwargs):
+        seen.append(logits.shape[0])
+        return real(logits, *args, **kwargs)
+
+    real = flce._cross_entropy_rows
+    h = hidden.float().requires_grad_()
+    with backend(be), pytest.MonkeyPatch.context() as mp, SavedTensorMeter() as meter:
+        mp.setattr(flce, "_cross_entropy_rows", rows)
+        loss = fused_linear_cross_entropy(h, weight.float(), labels)
+    assert seen == [3]
+    assert meter.total_bytes <= 3 * 16 * 4 + 3 * 8, [(s.shape, s.dtype) for s in meter.saved]
+    (grad,) = torch.autograd.grad(loss, h)
+    h64 = hidden.clone().requires_grad_()
+    want = torch.nn.functional.cross_entropy((h64 @ weight.T).view(-1, 37), labels.view(-1))
+    (want_grad,) = torch.autograd.grad(want, h64)
+    check_fp32_relative(loss, want.detach(), "loss")
+    check_fp32_relative(grad, want_grad, "dL/dh")
+    assert not grad[labels == -100].any()

@@ -135,13 +135,34 @@ def test_grpo_notebook(tmp_path, monkeypatch):
     assert "[1.0, 0.0] [0.5]" in printed  # the reward functions on known completions
 
 
+def test_vision_notebook(tmp_path, monkeypatch):
+    """FastVisionModel on the embedded tiny LLaVA: LoRA on vision and language layers, TRL's SFTTrainer with
+    VisionDataCollator on generated pictures, an answer to a new picture, and a merged model that plain transformers
+    reloads with the same logits."""
+    summary = _summary(_execute("vision", tmp_path, monkeypatch))
+    assert summary["model"] == "embedded" and summary["dtype"] == "torch.float32"
+    losses = summary["losses"]
+    assert len(losses) == STEPS and all(math.isfinite(loss) for loss in losses)
+    # Random weights: the answers' loss starts near ln(vocabulary) = 7.6 and the few caption words are learned within
+    # 30 steps; the means of the first and last three steps (single batches vary) must drop by more than 1 nat.
+    assert statistics.mean(losses[-3:]) < statistics.mean(losses[:3]) - 1.0, losses
+    assert isinstance(summary["answer"], str)
+    # fp32: merged W + s B A against the live W x + s B (A x), reordered sums only
+    assert summary["max_logit_diff"] < 1e-4 and summary["same_tokens"] is True
+    run = tmp_path / "run" / "outputs"
+    with safe_open(run / "lora-adapter" / "adapter_model.safetensors", "pt") as f:
+        names = list(f.keys())
+    assert any("vision_tower" in n for n in names) and any("language_model" in n for n in names)
+    assert all("lora_" in n for n in names)
+
+
 def test_notebooks_match_their_generator(capsys):
     """The committed notebooks are what ``notebooks/make_notebooks.py`` writes (sources, fixed ids, no outputs)."""
     spec = importlib.util.spec_from_file_location("make_notebooks", NOTEBOOKS / "make_notebooks.py")
     make_notebooks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_notebooks)
     assert make_notebooks.main(["--check"]) == 0, capsys.readouterr().err
-    for name in ("quickstart", "qlora", "dpo", "grpo", "conversational", "ollama"):
+    for name in ("quickstart", "qlora", "dpo", "grpo", "conversational", "ollama", "vision"):
         notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
         nbformat.validate(notebook)
         assert all(c.get("outputs", []) == [] and c.get("execution_count") is None for c in notebook.cells)
