@@ -1,9 +1,10 @@
 """fastft: hand-derived Triton kernels that make Hugging Face LLM fine-tuning faster and leaner.
 
 ``from fastft import FastModel`` loads and patches a causal LM (Unsloth's ``FastLanguageModel`` argument
-names; ``FastLanguageModel`` is the same class under Unsloth's name); ``fastft.patch(model)`` makes a model the user built themselves fast, in place. The kernels live in
-:mod:`fastft.kernels`. ``FastModel`` and ``patch`` are imported on first use, so ``import fastft.kernels``
-does not pull in transformers, PEFT and bitsandbytes.
+names; ``FastLanguageModel`` is the same class under Unsloth's name, and Unsloth's data helpers come from
+:mod:`fastft.chat_templates`); ``fastft.patch(model)`` makes a model the user built themselves fast, in place.
+The kernels live in :mod:`fastft.kernels`. ``FastModel`` and ``patch`` are imported on first use, so
+``import fastft.kernels`` does not pull in transformers, PEFT and bitsandbytes.
 """
 
 from __future__ import annotations

@@ -294,3 +294,28 @@ def test_apply_chat_template_from_text_form():
     )
     with pytest.raises(ValueError, match="{INPUT} and {OUTPUT} once each"):
         apply_chat_template(dataset, default_tokenizer(), chat_template="### Instruction:\n{INPUT}")
+
+
+@pytest.mark.parametrize(("kind", "template"), [("llama", "alpaca"), ("llama", "mistral"), ("gemma", "gemma-3")])
+def test_sentencepiece_markers_are_found(kind, template):
+    """SentencePiece tokenizers (spaces as '▁', newlines as byte tokens '<0x0A>', a word-start mark on a marker
+    tokenized alone): train_on_responses_only on any Trainer-like object whose dataset holds input_ids."""
+    from types import SimpleNamespace
+
+    from tests.export.tokenizers_local import sentencepiece
+
+    tokenizer = _quiet(get_chat_template, sentencepiece(kind), template)
+    ids = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=False) for c in CONVERSATIONS]
+    trainer = SimpleNamespace(
+        train_dataset=Dataset.from_dict({"input_ids": ids}),
+        eval_dataset=None,
+        processing_class=tokenizer,
+        args=SimpleNamespace(packing=False),
+    )
+    trainer = train_on_responses_only(trainer)  # the parts of the template get_chat_template set
+    parts = {"alpaca": ("### Instruction:\n", "### Response:\n"), "mistral": ("[INST] ", " [/INST]")}
+    instruction, response = parts.get(template, ("<start_of_turn>user\n", "<start_of_turn>model\n"))
+    for row in trainer.train_dataset:
+        assert row["labels"] == _expected_labels(tokenizer, row["input_ids"], instruction, response)
+    kept = [t for t in trainer.train_dataset[1]["labels"] if t != -100]
+    assert "Blue." in tokenizer.decode(kept) and "Name a colour" not in tokenizer.decode(kept)

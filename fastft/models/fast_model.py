@@ -513,6 +513,15 @@ class FastModel:
             raise ValueError(
                 "save_method='lora' needs a model with adapters (FastModel.get_peft_model); use 'merged_16bit'"
             )
+        if os.path.isdir(path) and os.listdir(path):  # Unsloth overwrites; fastft does too, but says so
+            existing = sorted(os.listdir(path))
+            warnings.warn(
+                f"save_pretrained_merged: {os.fspath(path)!r} is not empty ({len(existing)} entries: "
+                f"{', '.join(existing[:5])}{', ...' if len(existing) > 5 else ''}); files of the same names are "
+                "replaced and the others left. Save into an empty folder to keep one checkpoint per folder",
+                UserWarning,
+                stacklevel=2,
+            )
         path = _writable_dir(path)
         if save_method == "lora":
             model.save_pretrained(path)

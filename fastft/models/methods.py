@@ -150,8 +150,8 @@ def load_lora(self: nn.Module, save_directory: str | os.PathLike, adapter_name: 
     ]
     if mismatched:
         raise ValueError(
-            f"load_lora({path!r}): the saved adapter does not fit the active adapter {active!r} ({'; '.join(mismatched)}"
-            "); pass adapter_name='...' to load it as an adapter of its own"
+            f"load_lora({path!r}): the saved adapter does not fit the active adapter {active!r} "
+            f"({'; '.join(mismatched)}); pass adapter_name='...' to load it as an adapter of its own"
         )
     result = set_peft_model_state_dict(self, load_peft_weights(path), adapter_name=active)
     missing = [k for k in result.missing_keys if "lora_" in k and f".{active}." in k]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import huggingface_hub
@@ -219,3 +220,12 @@ def test_gguf_methods_write_and_upload_real_files(tmp_path, hub):
     assert repo_id == "me/tiny-gguf" and hub["create_repo"][2] is None and "commit_message" in upload_kwargs
     assert sorted(files) == ["Modelfile", "tiny-gguf.Q8_0.gguf"]
     assert files["tiny-gguf.Q8_0.gguf"][:4] == b"GGUF"
+
+
+def test_saving_into_a_non_empty_folder_warns(tiny_checkpoint, tmp_path):
+    model, tokenizer = _load(tiny_checkpoint())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty or new folder: no warning
+        model.save_pretrained_merged(tmp_path / "merged", tokenizer)
+    with pytest.warns(UserWarning, match="is not empty .*config.json"):
+        model.save_pretrained_merged(tmp_path / "merged", tokenizer)
