@@ -7,6 +7,7 @@ mode, labels -100 on padding, prompt and image tokens): patched, then plain, eac
 """
 
 import copy
+import importlib
 
 import peft
 import pytest
@@ -110,3 +111,28 @@ def test_report_names_the_vision_tower(runs, model_type):
     vision = report.vision
     assert vision is not None and vision.attentions >= 2 and vision.mlps >= 2 and vision.norms >= 4, report.summary()
     assert "vision tower:" in report.summary()
+    # what stays on transformers' code is named: at least the patch embedding (a conv or a linear over patches)
+    assert vision.skipped and any("patch embedding" in reason for reason in vision.skipped.values()), vision.skipped
+    if model_type.startswith("qwen"):
+        assert report.tables == 1 and vision.tables == 1  # the M-RoPE tables and the vision tower's 2-D tables
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "llava", "mllama"])
+def test_loss_on_image_sequences_never_builds_logits(model_type, monkeypatch):
+    """Training with labels: no (batch, seq, vocab) logits; the head computes only the answer tokens' rows (the
+    image tokens, padding and prompt are -100 and never reach it)."""
+    flce = importlib.import_module("fastft.kernels.fused_linear_cross_entropy")  # the module, not the function
+    model, inputs = tiny_vision_model(model_type)
+    patch(model).train()
+    rows, real = [], flce._cross_entropy_rows
+
+    def counting(logits, *args, **kwargs):
+        rows.append(tuple(logits.shape))
+        return real(logits, *args, **kwargs)
+
+    monkeypatch.setattr(flce, "_cross_entropy_rows", counting)
+    with force_backend("torch"):
+        out = model(**inputs)
+    assert out.logits is None
+    answer = int((inputs["labels"] != -100).sum())  # shifting by one keeps every answer token's label
+    assert sum(r for r, _ in rows) == answer < inputs["input_ids"].numel()
