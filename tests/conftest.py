@@ -78,3 +78,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory):
+    """The folder of the real SmolLM2-135M-Instruct checkpoint (see tests/smollm2.py), read-only: copy to change it."""
+    from tests.smollm2 import smollm2_checkpoint_folder
+
+    return smollm2_checkpoint_folder(tmp_path_factory)

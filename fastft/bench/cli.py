@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GB",
         help="also find, per contender, the longest sequence whose training step fits in GB",
     )
+    parser.add_argument(
+        "--mode",
+        choices=("lora", "full", "both"),
+        default="lora",
+        help="mixture-of-experts presets: LoRA (experts included), full fine-tuning, or both (lora)",
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the LoRA weights (1e-3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights, LoRA init and batches (0)")
     parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (./fastft-bench-<date>-<time>)")
@@ -458,8 +464,14 @@ def main(argv: list[str] | None = None) -> int:
         plan = resolve(args)
     except ValueError as e:
         parser.error(str(e))
+    from fastft.bench import moe
     from fastft.kernels._dispatch import force_backend
 
+    if args.preset is not None and moe.is_moe(plan.source):  # routed experts: each experts implementation
+        try:
+            return moe.run_cli(args, plan, argv)
+        except ValueError as e:
+            parser.error(str(e))
     start = time.perf_counter()
     meta = _meta(args, plan, argv)
     print(f"fastft bench: {plan.described} on {meta['device']}; writing to {plan.out}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """The one-shot GPU suite: ``python -m fastft.bench gpu --out DIR`` measures everything we want to know in one go.
 
-Seven parts, run in this order, each in its own Python process with its own time budget (the process group is
+Eight parts, run in this order, each in its own Python process with its own time budget (the process group is
 killed when the budget is spent: the part is recorded ``timeout`` with whatever it had saved, and the next part
 starts; a part that finishes early passes its unused seconds on to the next one, so the total never exceeds the sum
 of the budgets, 500 s by default, under the 9 minutes the run may take):
@@ -8,13 +8,17 @@ of the budgets, 500 s by default, under the 9 minutes the run may take):
 - ``device`` (20 s): the measured copy bandwidth (a 1 GiB device-to-device ``copy_``, read + write bytes, median of
   10 after warm-up, CUDA events) and bf16 matmul rate (an 8192^3 GEMM on normal random operands, 2 n^3 FLOPs per
   product, median of 10); the yardsticks of every fraction below;
-- ``kernels`` (130 s): every fastft kernel's forward / backward time at the audit shapes against the PyTorch
+- ``kernels`` (120 s): every fastft kernel's forward / backward time at the audit shapes against the PyTorch
   formula, torch.compile and Liger Kernel (:mod:`fastft.bench.kernels`), with its bytes model as a fraction of the
   measured copy bandwidth and its error against float64;
-- ``lora_step`` (180 s): one LoRA training step (r=16 on the seven projections, AdamW) at Llama-3.1-8B's real
+- ``lora_step`` (170 s): one LoRA training step (r=16 on the seven projections, AdamW) at Llama-3.1-8B's real
   dimensions with random weights, batch 1 x 4096 random tokens, bf16 and 4-bit NF4 (bitsandbytes), for plain
   transformers + PEFT, Liger and fastft (:func:`fastft.bench.step.build_model`), each configuration in its own
   process: tokens/s (steps after the first), MFU and peak memory (``max_memory_allocated``, weights included);
+- ``moe_step`` (30 s): one MoE training step at Qwen3-30B-A3B's and gpt-oss-20b's real dimensions (2 decoder layers,
+  random weights, bf16, 1 x 4096 tokens), LoRA (experts included) and full fine-tuning, for transformers' ``eager``
+  and ``grouped_mm`` experts, Liger and fastft, in one process, most important configurations first
+  (:mod:`fastft.bench.gpu_moe`): tokens/s, peak memory, the bytes one MoE layer saves for backward;
 - ``logprob_head`` (30 s): fastft's log-prob head (:func:`fastft.kernels.logprob_head.linear_log_probs`, frozen head,
   log-probs + entropy forward, backward from the log-probs) against TRL's ``trl.kernels.ChunkedLogProbFunction`` (what
   TRL's fused LM head runs) and the full-logits PyTorch formula, 8192 tokens, hidden 4096, vocabulary 128256, bf16:
@@ -27,7 +31,7 @@ of the budgets, 500 s by default, under the 9 minutes the run may take):
   memory-saving mode (plain and Liger with transformers' checkpointing, fastft with offloaded checkpointing):
   doubling from 4096, then bisecting; a probe that would not end within the part's budget is not started, and the
   answer says "time budget" instead of a failing length;
-- ``vlm_step`` (50 s, its seconds taken from ``kernels`` 20, ``lora_step`` 20 and ``max_context`` 10): one
+- ``vlm_step`` (40 s, its seconds taken from ``kernels`` 10, ``lora_step`` 20 and ``max_context`` 10): one
   vision-language LoRA training step at Qwen2.5-VL-7B's dimensions with 4 decoder layers and 4 vision blocks, one
   image of 1024 visual tokens plus 512 text tokens, LoRA r=16 on vision and language layers, for plain transformers
   + PEFT, fastft and fastft with offloaded checkpointing (:mod:`fastft.bench.vlm`): tokens/s and peak memory.
@@ -83,20 +87,22 @@ from fastft.bench.gpu_report import DEFAULT_RESULTS, MARKERS, markdown, memory_b
 
 __all__ = ["BUDGETS_S", "MARKERS", "PARTS", "main", "markdown", "readme_table", "run_suite", "update_readme"]
 
-PARTS = ("device", "kernels", "lora_step", "logprob_head", "grpo_loss_step", "max_context", "vlm_step")
+PARTS = ("device", "kernels", "lora_step", "moe_step", "logprob_head", "grpo_loss_step", "max_context", "vlm_step")
 BUDGETS_S = {
     "device": 20.0,
-    "kernels": 130.0,
-    "lora_step": 180.0,
+    "kernels": 120.0,
+    "lora_step": 170.0,
+    "moe_step": 30.0,
     "logprob_head": 30.0,
     "grpo_loss_step": 30.0,
     "max_context": 60.0,
-    "vlm_step": 50.0,
+    "vlm_step": 40.0,
 }
 DRY_RUN_BUDGETS_S = {
     "device": 20.0,
-    "kernels": 60.0,
-    "lora_step": 60.0,
+    "kernels": 50.0,
+    "lora_step": 50.0,
+    "moe_step": 20.0,
     "max_context": 40.0,
     "logprob_head": 30.0,
     "grpo_loss_step": 30.0,

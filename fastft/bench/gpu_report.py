@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fastft.bench import gpu_moe
+
 MARKERS = ("<!-- gpu-results:start -->", "<!-- gpu-results:end -->")
 DEFAULT_RESULTS = Path("benchmarks/results")
 
@@ -240,6 +242,7 @@ def markdown(record: dict) -> str:
         "",
         *_context_rows(context),
         *_rl_sections(parts),
+        *gpu_moe.markdown_rows(parts.get("moe_step", {}).get("results") or {}),
         *_vlm_section(parts),
     ]
     return "\n".join(lines) + "\n"

@@ -251,7 +251,28 @@ def benches(device: torch.device, tokens: int | None = None) -> list[KernelBench
             shape=f"hidden ({head.tokens}, {head.hidden}) bf16, frozen head ({head.vocab}, {head.hidden})",
             liger="liger_fused_linear_cross_entropy",
         ),
+        _moe_bench(device, tokens),
     ]
+
+
+def _moe_bench(device: torch.device, tokens: int | None) -> KernelBench:
+    """Routed experts of one Qwen3-30B-A3B layer (16 experts on a CPU), full fine-tuning; matmul-bound: TFLOP/s."""
+    from fastft.bench import moe_shapes
+
+    moe = moe_shapes.QWEN3_30B_A3B if device.type == "cuda" else moe_shapes.CPU_QWEN3
+    moe = dataclasses.replace(moe, tokens=tokens or moe.tokens)
+    return KernelBench(
+        name="moe_experts:qwen3_30b_a3b",
+        tokens=moe.tokens,
+        module="moe_experts",
+        build=lambda d, tokens=None: moe_shapes.moe_inputs(dataclasses.replace(moe, tokens=tokens or moe.tokens), d),
+        args=("hidden", "top_k_index", "top_k_weights", "gate_up", "down"),
+        shape=(
+            f"hidden ({moe.tokens}, {moe.hidden}) bf16, {moe.experts} experts x (2x{moe.intermediate}, {moe.hidden}) "
+            f"trainable, top-{moe.top_k}; pytorch = the expert loop of transformers' eager experts"
+        ),
+        kwargs=moe_shapes.moe_kwargs(moe),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -361,6 +382,12 @@ class Result:
 
 
 def _flops(inputs: dict) -> int | None:
+    if "top_k_index" in inputs:  # routed experts: fwd + bwd GEMMs of fastft's implementation
+        from fastft.kernels.moe_experts import bytes_and_flops
+
+        (t, h), (e, i2, _), k = inputs["hidden"].shape, inputs["gate_up"].shape, inputs["top_k_index"].shape[1]
+        model = bytes_and_flops(t, h, i2 // 2, e, k, full=inputs["gate_up"].requires_grad)
+        return model["fwd_flops"] + model["bwd_flops"]
     if "weight" in inputs and "hidden" in inputs:  # linear cross-entropy: 2NVH per GEMM
         n, h = inputs["hidden"].shape
         v = inputs["weight"].shape[0]

@@ -2,7 +2,9 @@
 
 A preset is the published ``config.json`` of a model, written down here (no download, no weights): the widths,
 head counts, vocabulary, RoPE base, norm epsilon and each family's quirks (Qwen-3's q/k norms come with its model
-type; Gemma-2's tanh-GELU, attention and final-logit softcaps, query scaling and alternating sliding window). The
+type; Gemma-2's tanh-GELU, attention and final-logit softcaps, query scaling and alternating sliding window; the
+mixture-of-experts presets' expert counts, top-k and expert widths, gpt-oss's YaRN RoPE, biases and clamped
+SwiGLU). A preset with routed experts runs the MoE comparison (:mod:`fastft.bench.moe`). The
 benchmark initialises the weights randomly from a seed, so memory and speed are those of the real model while
 nothing is downloaded. ``--layers N`` keeps the first ``N`` decoder layers: memory and time per layer are the real
 ones, and a CPU or a small GPU can still build the model (the embedding and head alone of Llama-3-8B are 1 GiB
@@ -97,6 +99,67 @@ PRESETS: dict[str, Preset] = {
                 "pad_token_id": 0,
                 "bos_token_id": 2,
                 "eos_token_id": 1,
+            },
+        ),
+        Preset(
+            "qwen3-30b-a3b",
+            "Qwen/Qwen3-30B-A3B",
+            "qwen3_moe",
+            {
+                "hidden_size": 2048,
+                "intermediate_size": 6144,
+                "moe_intermediate_size": 768,
+                "num_experts": 128,
+                "num_experts_per_tok": 8,
+                "norm_topk_prob": True,
+                "decoder_sparse_step": 1,
+                "mlp_only_layers": [],
+                "num_hidden_layers": 48,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 4,
+                "head_dim": 128,
+                "vocab_size": 151936,
+                "max_position_embeddings": 40960,
+                "rms_norm_eps": 1e-6,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+                "router_aux_loss_coef": 0.001,
+                "tie_word_embeddings": False,
+                "bos_token_id": 151643,
+                "eos_token_id": 151645,
+            },
+        ),
+        Preset(
+            "gpt-oss-20b",
+            "openai/gpt-oss-20b",
+            "gpt_oss",
+            {
+                "hidden_size": 2880,
+                "intermediate_size": 2880,
+                "num_local_experts": 32,
+                "num_experts_per_tok": 4,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 64,
+                "num_key_value_heads": 8,
+                "head_dim": 64,
+                "vocab_size": 201088,
+                "max_position_embeddings": 131072,
+                "rms_norm_eps": 1e-5,
+                "sliding_window": 128,
+                "attention_bias": True,
+                "swiglu_limit": 7.0,
+                "rope_parameters": {
+                    "rope_type": "yarn",
+                    "rope_theta": 150000.0,
+                    "factor": 32.0,
+                    "beta_fast": 32.0,
+                    "beta_slow": 1.0,
+                    "original_max_position_embeddings": 4096,
+                    "truncate": False,
+                },
+                "router_aux_loss_coef": 0.9,
+                "tie_word_embeddings": False,
+                "pad_token_id": 199999,
+                "eos_token_id": 200002,
             },
         ),
     )

@@ -16,6 +16,7 @@ from fastft.kernels.geglu import geglu, geglu_reference
 from fastft.kernels.layer_norm import layer_norm, layer_norm_reference
 from fastft.kernels.lora import LoRAProjection, lora_linear, lora_mlp, lora_qkv
 from fastft.kernels.lora_ungated_mlp import lora_ungated_mlp
+from fastft.kernels.moe_experts import MoELoRA, moe_experts, moe_experts_reference, peft_factors
 from fastft.kernels.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference
 from fastft.kernels.rms_norm import rms_norm, rms_norm_reference
 from fastft.kernels.rms_norm_gated import rms_norm_gated, rms_norm_gated_reference
@@ -26,6 +27,7 @@ from fastft.kernels.swiglu import swiglu, swiglu_reference
 __all__ = [
     "XIELU",
     "LoRAProjection",
+    "MoELoRA",
     "NF4Weight",
     "activation",
     "activation_reference",
@@ -44,6 +46,9 @@ __all__ = [
     "lora_mlp",
     "lora_qkv",
     "lora_ungated_mlp",
+    "moe_experts",
+    "moe_experts_reference",
+    "peft_factors",
     "rms_norm",
     "rms_norm_gated",
     "rms_norm_gated_reference",

@@ -544,6 +544,38 @@ def lora_qkv(
     return q_out, k_out, v_out
 
 
+def _mlp_inputs(
+    op: str, x: torch.Tensor, gate: LoRAProjection, up: LoRAProjection | None, down: LoRAProjection, activation: str
+) -> tuple[torch.Tensor, tuple[_Spec, ...], list[torch.Tensor | None]]:
+    """Check a gated MLP's arguments (autocast casts applied): x, the specs (gate[, up], down), the flat tensors."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(
+            f"{op}: activation must be one of {_ACTIVATIONS} (silu; tanh GELU as gelu_pytorch_tanh; exact GELU), "
+            f"got {activation!r}."
+        )
+    named = {"gate": gate, "down": down} if up is None else {"gate": gate, "up": up, "down": down}
+    x, projs = _prepare(op, x, named)
+    gate_spec = _check_projection(op, "gate", projs["gate"], x.shape[-1], x)
+    if up is None:
+        if gate_spec.out_features % 2:
+            raise ValueError(
+                f"{op}: with up=None, gate is the fused gate_up projection and needs an even out_features "
+                f"([gate | up]), got {gate_spec.out_features}; pass up separately otherwise."
+            )
+        in_specs, intermediate = (gate_spec,), gate_spec.out_features // 2
+    else:
+        up_spec = _check_projection(op, "up", projs["up"], x.shape[-1], x)
+        if up_spec.out_features != gate_spec.out_features:
+            raise ValueError(
+                f"{op}: gate and up must have the same out_features (intermediate size), got "
+                f"{gate_spec.out_features} and {up_spec.out_features}."
+            )
+        in_specs, intermediate = (gate_spec, up_spec), gate_spec.out_features
+    down_spec = _check_projection(op, "down", projs["down"], intermediate, x)
+    _check_adapter_dtypes(op, projs)
+    return x, (*in_specs, down_spec), _flat(list(projs.values()))
+
+
 def lora_mlp(
     x: torch.Tensor,
     gate: LoRAProjection,
@@ -559,33 +591,9 @@ def lora_mlp(
     up projection outputs and (N, r) LoRA products; the activation output is recomputed in backward, where
     PEFT keeps it (and fp32 copies of x and of it for the adapters).
     """
-    if activation not in _ACTIVATIONS:
-        raise ValueError(
-            f"lora_mlp: activation must be one of {_ACTIVATIONS} (silu; tanh GELU as gelu_pytorch_tanh; exact GELU), "
-            f"got {activation!r}."
-        )
-    named = {"gate": gate, "down": down} if up is None else {"gate": gate, "up": up, "down": down}
-    x, projs = _prepare("lora_mlp", x, named)
-    gate_spec = _check_projection("lora_mlp", "gate", projs["gate"], x.shape[-1], x)
-    if up is None:
-        if gate_spec.out_features % 2:
-            raise ValueError(
-                f"lora_mlp: with up=None, gate is the fused gate_up projection and needs an even out_features "
-                f"([gate | up]), got {gate_spec.out_features}; pass up separately otherwise."
-            )
-        in_specs, intermediate = (gate_spec,), gate_spec.out_features // 2
-    else:
-        up_spec = _check_projection("lora_mlp", "up", projs["up"], x.shape[-1], x)
-        if up_spec.out_features != gate_spec.out_features:
-            raise ValueError(
-                f"lora_mlp: gate and up must have the same out_features (intermediate size), got "
-                f"{gate_spec.out_features} and {up_spec.out_features}."
-            )
-        in_specs, intermediate = (gate_spec, up_spec), gate_spec.out_features
-    down_spec = _check_projection("lora_mlp", "down", projs["down"], intermediate, x)
-    _check_adapter_dtypes("lora_mlp", projs)
-    y = LoRAMLPFunction.apply(x, (*in_specs, down_spec), activation, *_flat(list(projs.values())))
-    return y.view(*x.shape[:-1], down_spec.out_features)
+    x, specs, tensors = _mlp_inputs("lora_mlp", x, gate, up, down, activation)
+    y = LoRAMLPFunction.apply(x, specs, activation, *tensors)
+    return y.view(*x.shape[:-1], specs[-1].out_features)
 
 
 def audit_cases() -> list[AuditCase]:

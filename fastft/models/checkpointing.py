@@ -61,6 +61,7 @@ _MODE_ALIASES: dict[object, CheckpointingMode] = {
 # Instance attributes the dynamic subclass keeps (in the instance ``__dict__``).
 _MODE_ATTR = "_fastft_checkpointing_mode"
 _HF_FUNC_ATTR = "_fastft_hf_checkpointing_func"
+_SEGMENT_ATTR = "_fastft_segment_checkpointing_func"
 
 # What transformers sets by default (``gradient_checkpointing_kwargs={"use_reentrant": False}``).
 _standard_checkpoint = functools.partial(checkpoint, use_reentrant=False)
@@ -171,7 +172,8 @@ class _CheckpointedLayer:
     @property
     def _gradient_checkpointing_func(self) -> Callable[..., Any]:
         if self.__dict__.get(_MODE_ATTR) == "offload":
-            return offloaded_checkpoint
+            # fastft.models.long_context.set_long_context(keep_every=k) keeps every k-th layer input only.
+            return self.__dict__.get(_SEGMENT_ATTR) or offloaded_checkpoint
         return self.__dict__.get(_HF_FUNC_ATTR) or _standard_checkpoint
 
     @_gradient_checkpointing_func.setter

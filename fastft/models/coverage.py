@@ -9,7 +9,7 @@ process with a timeout, and runs one training step three ways from the same weig
 - **fastft**: the same fp32 model after :func:`fastft.patch`.
 
 once with full fine-tuning and once with LoRA on every linear layer (PEFT's ``"all-linear"``, random non-zero
-adapters). A difference is judged against the oracle, so that fp32 rounding is not called a difference: fastft's
+adapters; routed experts' 3-D ``gate_up_proj`` / ``down_proj`` through ``target_parameters``). A difference is judged against the oracle, so that fp32 rounding is not called a difference: fastft's
 loss and every gradient must be as close to float64 as plain fp32's are, within ``ERROR_FACTOR`` times plain's
 error plus ``ERROR_FLOOR`` relative (a few fp32 roundings of a reordered sum; a real error, a missing scale or
 a wrong gradient, is orders of magnitude larger). Each row also counts the bytes autograd saves for backward in
@@ -63,6 +63,7 @@ class Row:
     norms: int = 0
     mlps: int = 0
     attentions: int = 0
+    experts: int = 0
     fused_loss: bool = False
     skipped: dict[str, str] = field(default_factory=dict)
     full: StepCheck | None = None
@@ -199,6 +200,7 @@ def check_type(model_type: str) -> Row:
         fastft.patch(fast)
         report = fast.fastft_report
         row.norms, row.mlps, row.attentions = report.norms, report.mlps, report.attentions
+        row.experts = report.experts
         row.fused_loss, row.skipped = report.fused_loss, dict(report.skipped)
         row.full = _compare(reference, plain_full, _step(fast, inputs))
     except Exception as exc:  # noqa: BLE001 - fastft broke a model transformers runs: the worst result
@@ -250,7 +252,18 @@ def _lora_twins(base, inputs):
                 targets = [t for t in targets if t in names]
                 if not targets:
                     continue
-            config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+            # Routed experts' 3-D weights are parameters, not modules: PEFT adapts them with target_parameters.
+            expert_params = sorted(
+                {n.rsplit(".", 1)[-1] for n, p in base.named_parameters() if p.dim() == 3}
+                & {"gate_up_proj", "down_proj"}
+            )
+            config = peft.LoraConfig(
+                r=4,
+                lora_alpha=8,
+                target_modules=targets,
+                target_parameters=expert_params or None,
+                init_lora_weights=False,
+            )
             model = copy.deepcopy(base)
             torch.manual_seed(1)
             exact = peft.get_peft_model(model, config)
@@ -381,10 +394,10 @@ def markdown(rows: list[Row], versions: dict[str, str]) -> str:
         ),
         "",
         (
-            "| type | result | norms | MLPs | attention | fused loss | full fine-tuning | LoRA "
+            "| type | result | norms | MLPs | attention | experts | fused loss | full fine-tuning | LoRA "
             "| saved KiB plain → fastft | left on transformers' code |"
         ),
-        "| --- | --- | ---: | ---: | ---: | --- | --- | --- | --- | --- |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         left = "; ".join(f"{k} ({v})" for k, v in sorted(row.skipped.items()))
@@ -392,7 +405,7 @@ def markdown(rows: list[Row], versions: dict[str, str]) -> str:
             left = f"{row.detail}{'; ' + left if left else ''}"
         saved = f"{_kib(row.saved_plain)} → {_kib(row.saved_fastft)}" if row.saved_fastft else ""
         lines.append(
-            f"| {row.model_type} | {row.result} | {row.norms} | {row.mlps} | {row.attentions} | "
+            f"| {row.model_type} | {row.result} | {row.norms} | {row.mlps} | {row.attentions} | {row.experts} | "
             f"{'on' if row.fused_loss else 'off'} | {_step_cell(row.full)} | {_step_cell(row.lora)} | {saved} | "
             f"{left.replace('|', '/')} |"
         )
@@ -410,15 +423,15 @@ def readme_table(rows: list[Row], versions: dict[str, str]) -> str:
         f"Measured by `fastft coverage` on transformers {versions.get('transformers', '?')}: {len(rows)} causal LM "
         "types, " + ", ".join(f"{n} {r}" for r, n in counts.items() if n) + ". Every type fastft patches:",
         "",
-        "| type | norms | MLPs | attention | fused loss | left on transformers' code |",
-        "| --- | ---: | ---: | ---: | --- | --- |",
+        "| type | norms | MLPs | attention | experts | fused loss | left on transformers' code |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for row in rows:
         if row.result != "equal":
             continue
         left = "; ".join(f"{k} ({v})" for k, v in sorted(row.skipped.items()))
         lines.append(
-            f"| {row.model_type} | {row.norms} | {row.mlps} | {row.attentions} | "
+            f"| {row.model_type} | {row.norms} | {row.mlps} | {row.attentions} | {row.experts} | "
             f"{'on' if row.fused_loss else 'off'} | {left.replace('|', '/')} |"
         )
     return "\n".join(lines) + "\n"

@@ -22,7 +22,6 @@ import dataclasses
 import logging
 import os
 import tempfile
-import types
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -34,6 +33,7 @@ from torch import nn
 
 from fastft.models.checkpointing import normalize_checkpointing_mode, set_checkpointing
 from fastft.models.families import FAMILIES, family_of
+from fastft.models.methods import attach_methods
 from fastft.models.patch import causal_lm, patch
 from fastft.models.saving import save_merged_4bit, save_merged_16bit
 
@@ -50,6 +50,22 @@ _PICKLE_SUFFIXES = (".bin", ".bin.index.json", ".pt", ".pth", ".ckpt")
 # ------------------------------------------------------------------------------------------------ loading
 
 
+def is_bfloat16_supported() -> bool:
+    """Whether this process's CUDA device computes in bf16 natively (Ampere and newer), as Unsloth's helper of the name.
+
+    Notebooks pass ``bf16=is_bfloat16_supported(), fp16=not is_bfloat16_supported()`` to the trainer. A T4
+    (sm_75) runs bf16 only by emulation, so it answers False there (fp16 is the fast choice). Without a CUDA device
+    it answers False: the trainer's ``bf16=True`` on a CPU needs ``use_cpu=True``, and fp32 is what fastft loads on
+    a CPU anyway (pass ``fp16=False, bf16=False`` there).
+    """
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch without the argument
+        return bool(torch.cuda.is_bf16_supported())
+
+
 def _resolve_dtype(dtype: torch.dtype | str | None, on_cuda: bool, full_finetuning: bool) -> torch.dtype:
     if isinstance(dtype, str):
         resolved = getattr(torch, dtype.removeprefix("torch."), None)
@@ -62,12 +78,7 @@ def _resolve_dtype(dtype: torch.dtype | str | None, on_cuda: bool, full_finetuni
         return dtype
     if not on_cuda:
         return torch.float32
-    # A T4 (sm_75) "supports" bf16 only by emulation: native bf16 only, else fp16.
-    try:
-        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # torch without the argument
-        native_bf16 = torch.cuda.is_bf16_supported()
-    if native_bf16:
+    if is_bfloat16_supported():
         return torch.bfloat16
     # fp16 master weights cannot be trained under a GradScaler: full fine-tuning keeps fp32 and autocasts.
     return torch.float32 if full_finetuning else torch.float16
@@ -232,15 +243,34 @@ def _writable_dir(path: str | os.PathLike) -> str:
     return path
 
 
-def _save_pretrained_merged_method(self: nn.Module, save_directory: str, tokenizer: Any = None, **kwargs) -> None:
-    """Unsloth's spelling, ``model.save_pretrained_merged(path, tokenizer, save_method=...)``."""
-    FastModel.save_pretrained_merged(self, tokenizer, save_directory, **kwargs)
-
-
 def _finish(model: nn.Module) -> nn.Module:
     patch(model)
-    model.save_pretrained_merged = types.MethodType(_save_pretrained_merged_method, model)
-    return model
+    return attach_methods(model)  # Unsloth's model.save_pretrained_merged(path, tokenizer, ...), ... (methods.py)
+
+
+def _is_adapter_folder(model_name: str) -> bool:
+    """A local folder of LoRA adapters only (``adapter_config.json``, no model ``config.json``), as save_lora writes."""
+    has = os.path.isfile
+    return has(os.path.join(model_name, "adapter_config.json")) and not has(os.path.join(model_name, "config.json"))
+
+
+def _from_adapter_folder(folder: str, **kwargs: Any) -> tuple[nn.Module, Any]:
+    """Unsloth's reload of saved adapters, ``from_pretrained("lora_model")``: the base model the adapter config
+    names, loaded with the same arguments, then the adapters on it (trainable, as ``get_peft_model`` leaves them)."""
+    config = peft.PeftConfig.from_pretrained(folder)
+    base = config.base_model_name_or_path
+    if not base:
+        raise ValueError(
+            f"{folder!r} holds LoRA adapters whose adapter_config.json names no base model; load the base with "
+            "FastModel.from_pretrained and attach them with peft.PeftModel.from_pretrained(model, folder)"
+        )
+    model, tokenizer = FastModel.from_pretrained(base, **kwargs)
+    model = peft.PeftModel.from_pretrained(model, folder, is_trainable=True)
+    if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):  # the tokenizer saved with the adapters
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=kwargs["trust_remote_code"])
+        tokenizer.model_max_length = kwargs["max_seq_length"]
+        _ensure_pad_token(tokenizer)
+    return _finish(model), tokenizer
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -276,7 +306,9 @@ class FastModel:
         nothing is frozen here either (:meth:`get_peft_model` freezes the base). The model gets
         ``max_seq_length`` (see the module doc for longer sequences); the tokenizer gets ``model_max_length =
         max_seq_length`` and, if it has none, a pad token: a pad token of its vocabulary, else unk, else eos.
-        Other ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained``. Returns ``(model, tokenizer)``.
+        Other ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained``. A local folder of LoRA adapters (what
+        ``save_method="lora"`` or ``model.save_pretrained`` writes) loads the base model its config names with these
+        arguments and returns a ``PeftModel`` with those adapters, trainable. Returns ``(model, tokenizer)``.
         """
         _validate_length(max_seq_length)
         if load_in_4bit and load_in_8bit:
@@ -292,6 +324,20 @@ class FastModel:
             raise ValueError("use_safetensors=False reads pickle files; pass allow_pickle=True to allow that")
         kwargs.pop("use_safetensors", None)
         model_name = os.fspath(model_name)
+        if _is_adapter_folder(model_name):
+            return _from_adapter_folder(
+                model_name,
+                max_seq_length=max_seq_length,
+                dtype=dtype,
+                load_in_4bit=load_in_4bit,
+                load_in_8bit=load_in_8bit,
+                device_map=device_map,
+                token=token,
+                trust_remote_code=trust_remote_code,
+                attn_implementation=attn_implementation,
+                allow_pickle=allow_pickle,
+                **kwargs,
+            )
         if device_map is None and torch.cuda.is_available():
             device_map = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
         devices = _device_types(device_map if device_map is not None else "cpu")
@@ -310,7 +356,7 @@ class FastModel:
             _refuse_pickle(model_name)
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        shared = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only") if k in kwargs}
+        shared = {k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "gguf_file") if k in kwargs}
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 model_name,
@@ -354,6 +400,7 @@ class FastModel:
         init_lora_weights: bool | str = True,
         loftq_config: Any = None,
         max_seq_length: int | None = None,
+        tiled_mlp: bool | int = False,
         **kwargs: Any,
     ) -> peft.PeftModel:
         """Wrap ``model`` in LoRA adapters (``peft.get_peft_model`` with a ``CAUSAL_LM`` ``LoraConfig``), patched.
@@ -366,8 +413,9 @@ class FastModel:
         Quantised bases are not upcast (PEFT's prepare_model_for_kbit_training casts every non-4-bit weight to
         fp32; fastft's kernels accumulate in fp32 already); PEFT freezes the base and keeps adapters in fp32, and
         fp16 ``modules_to_save`` copies are made fp32 so a GradScaler can unscale them. ``max_seq_length``
-        replaces the one given at load; other ``kwargs`` are ``LoraConfig`` fields (``use_dora``,
-        ``layers_to_transform``, ...).
+        replaces the one given at load; ``tiled_mlp`` (True, or rows per tile) runs the MLPs over sequence tiles
+        for long contexts (:func:`fastft.models.long_context.set_long_context`); other ``kwargs`` are
+        ``LoraConfig`` fields (``use_dora``, ``layers_to_transform``, ...).
         """
         if isinstance(model, peft.PeftModel):
             raise TypeError("get_peft_model: the model already has adapters (it is a PeftModel); pass the base model")
@@ -414,7 +462,12 @@ class FastModel:
         set_checkpointing(peft_model, mode)
         if max_seq_length is not None:
             _set_max_seq_length(model, max_seq_length)
-        return _finish(peft_model)
+        peft_model = _finish(peft_model)
+        if tiled_mlp:
+            from fastft.models.long_context import set_long_context
+
+            set_long_context(peft_model, tiled_mlp=tiled_mlp)
+        return peft_model
 
     @staticmethod
     def for_training(model: nn.Module) -> nn.Module:
@@ -469,3 +522,7 @@ class FastModel:
             save_merged_4bit(model, path)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
+
+
+FastLanguageModel = FastModel
+"""Unsloth's name for :class:`FastModel` (the same class), so ``from fastft import FastLanguageModel`` ports a notebook."""

@@ -30,6 +30,7 @@ from fastft.kernels.mrope import mrope_tables
 from fastft.kernels.rms_norm import rms_norm
 from fastft.kernels.rms_norm_gated import rms_norm_gated
 from fastft.kernels.swiglu import swiglu
+from fastft.kernels.tiled_mlp import tiled_lora_mlp
 from fastft.models.projections import read_projection
 from fastft.models.recognize import AttentionLayout, LayerNormSpec, MLPLayout, UngatedLayout, apply_dropout
 from fastft.models.rotary import ACTIVE as _ROPE_ACTIVE
@@ -132,10 +133,12 @@ class FastGatedMLP:
         names = (layout.gate_up, layout.down) if layout.gate_up else (layout.gate, layout.up, layout.down)
         projections = [read_projection(getattr(self, n)) for n in names]
         if all(p is not None for p in projections):
-            if layout.gate_up:
-                y = lora_mlp(x, projections[0], None, projections[1], layout.activation)
+            gate, up, down = (projections[0], None, projections[1]) if layout.gate_up else projections
+            tile = self.__dict__.get("_fastft_mlp_tile")  # set by fastft.models.long_context.set_long_context
+            if tile is not None:  # 0: the tile size follows free memory
+                y = tiled_lora_mlp(x, gate, up, down, layout.activation, tile_tokens=tile or None)
             else:
-                y = lora_mlp(x, *projections, layout.activation)
+                y = lora_mlp(x, gate, up, down, layout.activation)
             return apply_dropout(self, layout.dropout, y)
         # Fallback (8-bit or DoRA layers, several active adapters, ...): the modules themselves, fused activation.
         if layout.gate_up:
@@ -203,6 +206,8 @@ class FastAttention:
 
     def _precompute_qkv(self, x: object) -> tuple[str, ...]:
         layout = self._fastft_layout
+        for name in layout.single:  # MLA's low-rank projections (PEFT may have replaced them since patching)
+            swap_class(getattr(self, name), FastProjection)
         if layout.q is None or not isinstance(x, torch.Tensor) or self.__dict__.get("_fastft_qkv_unused"):
             swap_class(getattr(self, layout.qkv or layout.o), FastProjection)
             swap_class(getattr(self, layout.o), FastProjection)

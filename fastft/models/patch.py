@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastft.models import layers, rotary
+from fastft.models import experts, layers, rotary
 from fastft.models.families import family_of
 from fastft.models.recognize import (
     HeadTransform,
@@ -62,6 +62,7 @@ class PatchReport:
     norms: int = 0
     mlps: int = 0
     attentions: int = 0
+    experts: int = 0
     fused_loss: bool = False
     tables: int = 0  # multimodal rotary embeddings whose cos/sin tables come from fastft.kernels.mrope
     head: HeadTransform | None = None
@@ -71,7 +72,9 @@ class PatchReport:
     def summary(self) -> str:
         done = (
             f"fastft: patched {self.model_type}: {self.norms} norms, {self.mlps} MLP, "
-            f"{self.attentions} attention (fused LoRA projections, fastft RoPE), fused loss {'on' if self.fused_loss else 'off'}"
+            f"{self.attentions} attention (fused LoRA projections, fastft RoPE), "
+            + (f"{self.experts} experts (grouped kernel), " if self.experts else "")
+            + f"fused loss {'on' if self.fused_loss else 'off'}"
         )
         if self.tables:
             done = f"{done}, {self.tables} M-RoPE tables"
@@ -149,6 +152,8 @@ class _Walk:
     mlp_layouts: dict[type, object] = field(default_factory=dict)
     ropes: dict[type, dict[str, rotary.Convention | None]] = field(default_factory=dict)
     tables: dict[type, rotary.TableLayout | None] = field(default_factory=dict)
+    experts_specs: dict[type, tuple[experts.ExpertsSpec | None, str]] = field(default_factory=dict)
+    dispatched: list[nn.Module] = field(default_factory=list)  # experts switched through ExpertsInterface
 
     def skip(self, module: nn.Module, reason: str) -> None:
         self.report.skipped.setdefault(type(module).__name__, reason)
@@ -281,8 +286,73 @@ def _patch_table(module: nn.Module, layout: rotary.TableLayout, walk: _Walk) -> 
     walk.report.tables += 1
 
 
+def _patch_experts(module: nn.Module, walk: _Walk) -> None:
+    """Routed experts: probed once per class; through transformers' ``ExpertsInterface`` where the class
+    dispatches there (switched for the whole model after the walk), else the instance's class is swapped."""
+    cls = type(module)
+    if experts.is_patched(module):
+        walk.report.experts += 1
+        if experts.uses_interface(module):
+            walk.dispatched.append(module)
+        return
+    if experts.uses_interface(module):  # what a block the probe rejects keeps running
+        module.__dict__.setdefault("_fastft_previous", module.config._experts_implementation)
+    if cls not in walk.experts_specs:
+        walk.experts_specs[cls] = experts.probe_safely(module, walk.dtype)
+    spec, reason = walk.experts_specs[cls]
+    if spec is None:
+        module.__dict__["_fastft_experts"] = None
+        walk.skip(module, reason)
+        return
+    module.__dict__["_fastft_experts"] = spec
+    if experts.uses_interface(module):
+        walk.dispatched.append(module)
+    else:
+        layers.swap_class(module, experts.FastExperts)
+    walk.report.experts += 1
+
+
+def _patch_input_scaled(module: nn.Module, base: nn.Module, walk: _Walk) -> None:
+    """A Llama-4-style MoE block (router-scaled inputs, experts without routing): the block's class is swapped
+    so that only the top-k pairs run, through the grouped experts (see :class:`experts.FastInputScaledMoE`)."""
+    if isinstance(module, experts.FastInputScaledMoE):
+        walk.report.experts += 1
+        return
+    if walk.hidden_size is None or not forward_takes_one_tensor(type(module)):
+        walk.skip(module, "routed experts: its forward takes more than the input")
+        return
+    reason = experts.probe_input_scaled(module, base, walk.hidden_size, walk.dtype)
+    if reason:
+        walk.skip(module, reason)
+        return
+    walk.report.experts += 1
+
+
+def _switch_experts_implementation(root: nn.Module, walk: _Walk) -> None:
+    """``set_experts_implementation("fastft")`` on the model; an experts block whose config did not take it
+    (a submodel transformers does not switch) has its class swapped instead."""
+    if not walk.dispatched:
+        return
+    setter = getattr(root, "set_experts_implementation", None)
+    if callable(setter):
+        try:
+            setter(experts.IMPLEMENTATION)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            logger.info("fastft: set_experts_implementation failed (%s); patching the experts instances", exc)
+    for module in walk.dispatched:
+        if getattr(module.config, "_experts_implementation", None) != experts.IMPLEMENTATION:
+            layers.swap_class(module, experts.FastExperts)
+
+
 def _patch_module(module: nn.Module, walk: _Walk) -> None:
     """Recognise, probe and swap one module (or leave it, with the reason, if any step disagrees)."""
+    if experts.experts_structure(module) is not None:
+        _patch_experts(module, walk)
+        return
+    scaled = experts.input_scaled_structure(module)
+    if scaled is not None:
+        _patch_input_scaled(module, scaled, walk)
+        return
     if isinstance(module, layers.FastRotaryTable):
         walk.report.tables += 1
         return
@@ -414,14 +484,18 @@ def _is_leaf_kind(module: nn.Module) -> bool:
     )
 
 
+def _is_fast(module: nn.Module) -> bool:
+    return isinstance(module, (*_FAST_KINDS, experts.FastInputScaledMoE)) or experts.is_patched(module)
+
+
 def _unpatched_kinds(module: nn.Module) -> list[nn.Module]:
     """The outermost blocks under ``module`` that run transformers' code although they are more than a
     projection: a block with weights of its own (experts, a conv, an SSM), or whose every part is unpatched."""
-    if isinstance(module, _FAST_KINDS) or _is_leaf_kind(module):
+    if _is_fast(module) or _is_leaf_kind(module):
         return []
     if next(module.parameters(recurse=False), None) is not None:
         return [module]
-    if not any(isinstance(m, _FAST_KINDS) for m in module.modules()):
+    if not any(_is_fast(m) for m in module.modules()):
         return [module]  # a whole block on transformers' code
     return [k for child in module.children() for k in _unpatched_kinds(child)]
 
@@ -434,7 +508,7 @@ def _reason(module: nn.Module) -> str:
     if any("expert" in type(m).__name__.lower() or "moe" in type(m).__name__.lower() for m in module.modules()) or any(
         p.dim() == 3 for p in module.parameters()
     ):
-        return "routed experts: no fastft kernel yet"
+        return "routed experts: layout not recognised"
     if "norm" in name:
         return "norm formula not recognised"
     if "attention" in name or "attn" in name:
@@ -491,6 +565,7 @@ def patch(model: nn.Module, *, fused_loss: bool = True) -> nn.Module:
             _patch_module(module, walk)
         except Exception as exc:  # noqa: BLE001 - a block fastft cannot handle stays as it is
             walk.skip(module, f"probe failed ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})")
+    _switch_experts_implementation(root, walk)
 
     for layer in _decoder_layers(walk_root):
         for module in _unpatched_kinds(layer):
@@ -507,7 +582,7 @@ def patch(model: nn.Module, *, fused_loss: bool = True) -> nn.Module:
         trl_integration.remember_source(root, fused_loss)
         trl_integration.install()
 
-    if report.norms + report.mlps + report.attentions == 0 and not report.fused_loss:
+    if report.norms + report.mlps + report.attentions + report.experts == 0 and not report.fused_loss:
         logger.warning("fastft: %s has no block fastft recognises; it runs unpatched (correct, not faster)", model_type)
     logger.info(report.summary())
     model.fastft_report = report

@@ -229,11 +229,15 @@ class AttentionLayout:
     k: str | None = None
     v: str | None = None
     qkv: str | None = None
+    single: tuple[str, ...] = ()  # further projections run one by one through the fused LoRA Function (MLA's)
+
+
+_MLA_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 
 
 def attention_layout(module: nn.Module) -> AttentionLayout | None:
     """Projection layout of an attention module: separate q/k/v, Phi-3's fused qkv, or MLA's (DeepSeek-V2/V3,
-    Kimi, GLM-4-MoE-lite: low-rank q and kv projections, of which only o_proj is fused), or None."""
+    Kimi, GLM-4-MoE-lite: low-rank q and kv projections, each run through the fused LoRA Function), or None."""
     if (
         _is_module(module, "c_attn")
         and _is_module(module, "c_proj")
@@ -246,7 +250,7 @@ def attention_layout(module: nn.Module) -> AttentionLayout | None:
     if o is None:
         return None
     if isinstance(getattr(module, "qk_rope_head_dim", None), int) and _is_module(module, "kv_b_proj"):
-        return AttentionLayout(o=o)
+        return AttentionLayout(o=o, single=tuple(n for n in _MLA_PROJECTIONS if _is_module(module, n)))
     if not isinstance(getattr(module, "head_dim", None), int):
         return None
     if all(_is_module(module, n) for n in ("q_proj", "k_proj", "v_proj")):
@@ -418,13 +422,22 @@ def probe_head(model: nn.Module, head: nn.Module, config: object) -> tuple[HeadT
     flat = logits[:, :-1].reshape(-1, vocab).float()
     ce = F.cross_entropy(flat, ids[:, 1:].reshape(-1))
     aux, coef = getattr(out, "aux_loss", None), getattr(config, "router_aux_loss_coef", None)
-    if torch.allclose(loss.float(), ce, rtol=1e-4, atol=1e-5):
-        # A router loss the model returns but does not add: coefficient 0 (so training never re-runs for it).
-        return (replace(found, aux_loss_coef=0.0) if isinstance(aux, torch.Tensor) else found), ""
-    with_aux = isinstance(aux, torch.Tensor) and isinstance(coef, (int, float))
-    if with_aux and torch.allclose(loss.float(), ce + coef * aux.float(), rtol=1e-4, atol=1e-5):
-        return replace(found, aux_loss_coef=float(coef)), ""
-    return None, "the loss is not the cross-entropy of the logits"
+    # No router loss (None); one the model returns but does not add (0: training never re-runs for it); or one
+    # added with the config's coefficient. The nearest that fits wins: a small coefficient times the router loss
+    # (Qwen3-MoE's 0.001 x ~2) is inside the tolerance of the probe's large cross-entropy.
+    coefs: list[float | None] = [None]
+    if isinstance(aux, torch.Tensor):  # the config's coefficient, and the one the model copied at init
+        declared = (coef, getattr(model, "router_aux_loss_coef", None))
+        coefs = [0.0] + [float(c) for c in declared if isinstance(c, (int, float)) and not isinstance(c, bool)]
+
+    def total(c: float | None) -> torch.Tensor:
+        return ce if not c else ce + c * aux.float()
+
+    fits = [c for c in coefs if torch.allclose(loss.float(), total(c), rtol=1e-4, atol=1e-5)]
+    if not fits:
+        return None, "the loss is not the cross-entropy of the logits"
+    best = min(fits, key=lambda c: float((loss.float() - total(c)).abs()))
+    return (found if best is None else replace(found, aux_loss_coef=best)), ""
 
 
 def _short(exc: BaseException, limit: int = 160) -> str:

@@ -25,6 +25,8 @@ from ipykernel.kernelspec import write_kernel_spec
 from nbclient import NotebookClient
 from safetensors import safe_open
 
+from fastft.bench.assets import default_examples
+
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
 CELL_TIMEOUT_S = 300  # one cell; the longest, training, takes about 20 s on 2 cores
@@ -160,8 +162,59 @@ def test_notebooks_match_their_generator(capsys):
     make_notebooks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_notebooks)
     assert make_notebooks.main(["--check"]) == 0, capsys.readouterr().err
-    for name in ("quickstart", "qlora", "dpo", "grpo", "vision"):
+    for name in ("quickstart", "qlora", "dpo", "grpo", "conversational", "ollama", "vision"):
         notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
         nbformat.validate(notebook)
         assert all(c.get("outputs", []) == [] and c.get("execution_count") is None for c in notebook.cells)
         assert sum("parameters" in c.metadata.get("tags", []) for c in notebook.cells) == 1
+
+
+def test_conversational_notebook_on_smollm2(smollm2_checkpoint, tmp_path, monkeypatch):
+    """Unsloth's Llama-3.2 Conversational notebook, ported, top to bottom on the real SmolLM2-135M-Instruct.
+
+    The checkpoint folder comes from the session fixture (the notebook's own conversion cell does the same when it is
+    run without one). Every save cell runs: LoRA, its reload through ``FastLanguageModel.from_pretrained``, merged
+    16-bit and 4-bit, and the GGUF files (q8_0, f16, q4_k_m); the Hub pushes are skipped without ``HF_TOKEN``.
+    """
+    notebook = _execute(
+        "conversational", tmp_path, monkeypatch, overrides=f"SMOLLM2_FOLDER = {str(smollm2_checkpoint)!r}"
+    )
+    summary = _summary(notebook)
+    assert summary["model"] == "smollm2" and len(summary["losses"]) == 3
+    assert all(math.isfinite(loss) for loss in summary["losses"])
+    # train_on_responses_only: row 4 (two exchanges) keeps the labels of its two replies only, each with the template's
+    # end of turn (text here: SmolLM2 has no <|eot_id|> token), then the eos TRL appends to text rows. Between them at
+    # most the first characters of the next header's text, which the token ending the first reply may share.
+    first, second = (e["response"].strip() for e in default_examples()[8:10])
+    text, head, tail = summary["labelled_text"], f"{first}<|eot_id|>", f"{second}<|eot_id|><|im_end|>"
+    assert text.startswith(head) and text.endswith(tail), text
+    assert "<|start_header_id|>".startswith(text[len(head) : -len(tail)]), text
+    assert 0 < summary["labelled_tokens"] < summary["row_tokens"] / 2
+    assert summary["reloaded"] == "PeftModelForCausalLM"  # from_pretrained("lora_model") put the adapters back
+    # fp32: merged W + s*B@A against the live W x + s*B(A x) differ by float reordering only (logits of ~20, 30 layers)
+    assert summary["max_logit_diff"] < 1e-3 and summary["same_tokens"] is True
+    run = tmp_path / "run"
+    assert (run / "model" / "model.safetensors").exists() and (run / "model-lora" / "adapter_config.json").exists()
+    assert "quantization_config" in json.loads((run / "model-4bit" / "config.json").read_text())
+    gguf = [name for name in summary["gguf_files"] if name.endswith(".gguf")]
+    assert sorted(name.rsplit(".", 2)[1].lower() for name in gguf) == ["f16", "q4_k_m", "q8_0"], summary["gguf_files"]
+
+
+def test_ollama_notebook_on_smollm2(smollm2_checkpoint, tmp_path, monkeypatch):
+    """Unsloth's Llama-3 Ollama notebook, ported: to_sharegpt, standardize_sharegpt and a text chat template through
+    apply_chat_template, SFT, the LoRA reload, merged saves, GGUF files and the Ollama Modelfile."""
+    notebook = _execute("ollama", tmp_path, monkeypatch, overrides=f"SMOLLM2_FOLDER = {str(smollm2_checkpoint)!r}")
+    summary = _summary(notebook)
+    assert summary["model"] == "smollm2" and len(summary["losses"]) == 3
+    assert all(math.isfinite(loss) for loss in summary["losses"])
+    assert summary["exchanges"] == [3, 3, 3, 3]  # conversation_extension=3
+    text = summary["first_text"]
+    assert (
+        text.startswith("Below are some instructions that describe some tasks.") and text.count("### Response:\n") == 3
+    )
+    assert text.count("<|im_end|>") == 3  # each reply ends with SmolLM2's eos
+    assert summary["reloaded"] == "PeftModelForCausalLM"
+    gguf = [name for name in summary["gguf_files"] if name.endswith(".gguf")]
+    assert sorted(name.rsplit(".", 2)[1].lower() for name in gguf) == ["f16", "q4_k_m", "q8_0"], summary["gguf_files"]
+    modelfile = summary["modelfile"]
+    assert modelfile.startswith("FROM ") and "### Instruction:" in modelfile and "<|im_end|>" in modelfile, modelfile

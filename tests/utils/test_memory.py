@@ -21,3 +21,41 @@ def test_sums_distinct_storages():
 def test_nothing_saved_without_grad():
     x = torch.randn(16)
     assert saved_tensor_bytes(torch.sin, x) == 0
+
+
+def test_peak_meter_counts_live_tensors_at_once():
+    from fastft.utils.memory import PeakMemoryMeter
+
+    x = torch.randn(1000)
+    with PeakMemoryMeter() as meter:
+        a = x * 2  # 4000 bytes
+        b = a + 1  # 8000 alive
+        del a  # 4000
+        c = torch.empty(1500)  # 10000 alive: the peak
+        del b, c
+    assert meter.peak_bytes == 10000
+    assert meter.end_bytes == 0
+    assert sorted(live.nbytes for live in meter.at_peak) == [4000, 6000]
+    assert any("aten::add" in live.ops for live in meter.at_peak)
+
+
+def test_peak_meter_counts_only_the_blocks_allocations():
+    from fastft.utils.memory import PeakMemoryMeter
+
+    x = [torch.randn(1000)]
+    with PeakMemoryMeter() as meter:
+        x.pop()  # a tensor from before the block, freed inside it: not seen
+        y = torch.empty(2000)
+    assert meter.peak_bytes == 8000
+    assert meter.end_bytes == 8000
+    del y
+
+
+def test_peak_meter_sees_a_backward_transient():
+    from fastft.utils.memory import PeakMemoryMeter
+
+    w = torch.randn(64, 64, requires_grad=True)
+    x = torch.randn(256, 64)
+    with PeakMemoryMeter() as meter:
+        (x @ w).sum().backward()  # the product (256 x 64) and the gradient of w (64 x 64) at least
+    assert meter.peak_bytes >= 256 * 64 * 4 + 64 * 64 * 4
