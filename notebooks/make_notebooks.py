@@ -11,9 +11,9 @@ adapters on a 16-bit (on a CPU: fp32) base, ``qlora`` on a bitsandbytes NF4 base
 install, load and LoRA cells, then train with TRL's unmodified ``DPOTrainer`` (preference pairs) and ``GRPOTrainer``
 (Python reward functions). ``vision`` fine-tunes a vision-language model (``FastVisionModel``, LoRA on the vision
 tower and the language model, TRL's ``SFTTrainer`` with ``fastft.vision.VisionDataCollator`` on generated pictures).
-Each starts with an install cell that does something only on Colab and a ``parameters``
-cell whose default is fastft's embedded tiny Llama (``vision``: a tiny LLaVA; random weights, its own tokenizer and
-data, shipped in the package: no download, seconds on a CPU, what CI runs) and, on Colab, a real hub model. Cell sources are
+Each starts with an install cell that does something only on Colab and a ``parameters`` cell whose default is
+fastft's embedded tiny Llama (``vision``: a tiny LLaVA; random weights, its own tokenizer and data, shipped in the
+package: no download, seconds on a CPU, what CI runs) and, on Colab, a real hub model. Cell sources are
 ``string.Template`` text: ``${name}`` is filled per notebook (Python code has no ``$``, so its braces stay as they
 are).
 """
