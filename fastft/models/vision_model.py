@@ -76,7 +76,7 @@ def _check_vision_model(root: nn.Module) -> nn.Module:
 
 
 def _part_kind(path: str) -> str | None:
-    """The kind ("attention", "mlp" or None) of a module path below its part (the vision tower or the language model)."""
+    """The kind ("attention", "mlp" or None) of a module path below its part (vision tower or language model)."""
     parts = path.lower().split(".")[:-1]  # the module's own (leaf) name says nothing about its block
     if any(word in part for part in parts for word in _ATTENTION_WORDS):
         return "attention"
