@@ -17,6 +17,7 @@ from fastft.kernels.layer_norm import layer_norm, layer_norm_reference
 from fastft.kernels.lora import LoRAProjection, lora_linear, lora_mlp, lora_qkv
 from fastft.kernels.lora_ungated_mlp import lora_ungated_mlp
 from fastft.kernels.moe_experts import MoELoRA, moe_experts, moe_experts_reference, peft_factors
+from fastft.kernels.mrope import mrope_tables, mrope_tables_reference
 from fastft.kernels.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference
 from fastft.kernels.rms_norm import rms_norm, rms_norm_reference
 from fastft.kernels.rms_norm_gated import rms_norm_gated, rms_norm_gated_reference
@@ -48,6 +49,8 @@ __all__ = [
     "lora_ungated_mlp",
     "moe_experts",
     "moe_experts_reference",
+    "mrope_tables",
+    "mrope_tables_reference",
     "peft_factors",
     "rms_norm",
     "rms_norm_gated",

@@ -462,10 +462,45 @@ def _patch_towers(root: nn.Module, walk_root: nn.Module, walk: _Walk) -> None:
                 _patch_module(module, vision)
             except Exception as exc:  # noqa: BLE001 - a block fastft cannot handle stays as it is
                 vision.skip(module, f"probe failed ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})")
-        for layer in _decoder_layers(tower):
+        layers_ = _tower_layers(tower)
+        for layer in layers_:
             for module in _unpatched_kinds(layer):
-                vision.skip(module, _reason(module))
+                own = module is layer  # Llama 3.2 Vision's gated layers: tanh gates on the residuals
+                vision.skip(module, "the layer's own gates (its blocks are patched)" if own else _reason(module))
+        for module in _outside_layers(tower, layers_):
+            vision.skip(module, "patch embedding, pooling or projector outside the encoder layers: no fastft kernel")
     walk.report.vision = report
+
+
+def _tower_layers(tower: nn.Module) -> list[nn.Module]:
+    """The encoder layers of a tower: the entries of every ``nn.ModuleList`` holding a block fastft patched (Llama
+    3.2 Vision has a local and a global encoder)."""
+    lists = [m for m in tower.modules() if isinstance(m, nn.ModuleList)]
+    return [
+        layer for lst in lists for layer in lst if any(isinstance(m, (*_FAST_KINDS, layers.FastRotaryTable))
+                                                       for m in layer.modules())
+    ]  # fmt: skip
+
+
+def _outside_layers(tower: nn.Module, layers_: list[nn.Module]) -> list[nn.Module]:
+    """The outermost blocks of a tower outside its encoder layers that run transformers' code (a patch embedding,
+    a pooling head, a projector MLP); projections, embeddings and blocks fastft patched are not listed."""
+    inside = {id(m) for layer in layers_ for m in layer.modules()}
+    found: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        if id(module) in inside or isinstance(module, (*_FAST_KINDS, layers.FastRotaryTable)):
+            return
+        if any(id(m) in inside for m in module.modules()) or isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            for child in module.children():
+                visit(child)
+        elif next(module.parameters(), None) is not None and not (
+            isinstance(module, (nn.Linear, nn.Embedding)) or hasattr(module, "lora_A") or hasattr(module, "base_layer")
+        ):
+            found.append(module)
+
+    visit(tower)
+    return found
 
 
 def _is_leaf_kind(module: nn.Module) -> bool:

@@ -45,7 +45,7 @@ from tests.kernels.test_lora import (
     rand,
 )
 
-KINDS = ("gelu", "gelu_tanh", "relu2", "xielu")
+KINDS = ("gelu", "gelu_tanh", "relu2", "quick_gelu", "xielu")
 HIDDEN, INTERMEDIATE = 16, 40
 
 

@@ -7,6 +7,7 @@ mode, labels -100 on padding, prompt and image tokens): patched, then plain, eac
 """
 
 import copy
+import importlib
 
 import peft
 import pytest
@@ -19,6 +20,8 @@ from fastft.models.tiny_vision_configs import VISION_TYPES, tiny_vision_model
 
 # Both runs compute the same fp32 formulas; fastft's kernels order the sums differently (fused q/k/v, the chunked
 # loss, fp32 RoPE rounded once), so results agree to fp32 rounding accumulated over a few layers:
+# measured (torch path): loss within 9e-8 relative, LoRA gradients within 1.7e-5 of their largest entry (Gemma 4,
+# whose sqrt(hidden) scalings amplify rounding; 4e-6 or less elsewhere but LFM2-VL and Idefics3, 1e-5).
 LOSS_RTOL = 1e-5  # on the mean cross-entropy
 GRAD_TOL = 2e-4  # each LoRA gradient, as a fraction of that gradient's largest entry
 
@@ -110,3 +113,37 @@ def test_report_names_the_vision_tower(runs, model_type):
     vision = report.vision
     assert vision is not None and vision.attentions >= 2 and vision.mlps >= 2 and vision.norms >= 4, report.summary()
     assert "vision tower:" in report.summary()
+    # what stays on transformers' code is named: at least the patch embedding (a conv or a linear over patches)
+    assert vision.skipped and any("patch embedding" in reason for reason in vision.skipped.values()), vision.skipped
+    if model_type.startswith("qwen"):
+        assert report.tables == 1 and vision.tables == 1  # the M-RoPE tables and the vision tower's 2-D tables
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "llava", "mllama"])
+def test_loss_on_image_sequences_never_builds_logits(model_type, monkeypatch):
+    """Training with labels: no (batch, seq, vocab) logits; the head computes only the answer tokens' rows (the
+    image tokens, padding and prompt are -100 and never reach it)."""
+    flce = importlib.import_module("fastft.kernels.fused_linear_cross_entropy")  # the module, not the function
+    model, inputs = tiny_vision_model(model_type)
+    patch(model).train()
+    rows, real = [], flce._cross_entropy_rows
+
+    def counting(logits, *args, **kwargs):
+        rows.append(tuple(logits.shape))
+        return real(logits, *args, **kwargs)
+
+    monkeypatch.setattr(flce, "_cross_entropy_rows", counting)
+    with force_backend("torch"):
+        out = model(**inputs)
+    assert out.logits is None
+    answer = int((inputs["labels"] != -100).sum())  # shifting by one keeps every answer token's label
+    assert sum(r for r, _ in rows) == answer < inputs["input_ids"].numel()
+
+
+def test_patch_twice_changes_nothing_and_tags_the_head():
+    """Idempotent on a composite model (the vision walk included), and the language model's head weight is tagged
+    for TRL's log-prob call (the log-prob head then serves image sequences too)."""
+    model, _ = tiny_vision_model("qwen2_5_vl")
+    first = patch(model).fastft_report.summary()
+    assert patch(model).fastft_report.summary() == first
+    assert getattr(model.get_output_embeddings().weight, "_fastft_head", False)
