@@ -305,7 +305,8 @@ class VisionDataCollator:
                 except Exception as own:
                     sizes = [_describe(image) for image in sample_images]
                     raise ValueError(
-                        f"sample {i}: the {type(self.processor).__name__} rejected it (its images: {', '.join(sizes) or 'none'}): "
+                        f"sample {i}: the {type(self.processor).__name__} rejected it "
+                        f"(its images: {', '.join(sizes) or 'none'}): "
                         f"{type(own).__name__}: {own}"
                     ) from own
             raise ValueError(

@@ -1,5 +1,5 @@
-"""Write the notebooks ``quickstart``, ``qlora``, ``dpo``, ``grpo`` and ``vision`` (``notebooks/*.ipynb``) from the cells
-below.
+"""Write the notebooks ``quickstart``, ``qlora``, ``dpo``, ``grpo``, ``vision`` and the others in :data:`NOTEBOOKS`
+(``notebooks/*.ipynb``) from the cells below.
 
 The notebooks are generated so that a review reads Python, not JSON: edit the cells here, then run
 ``python notebooks/make_notebooks.py`` and commit the files. They are written without outputs and with fixed cell
@@ -11,9 +11,9 @@ adapters on a 16-bit (on a CPU: fp32) base, ``qlora`` on a bitsandbytes NF4 base
 install, load and LoRA cells, then train with TRL's unmodified ``DPOTrainer`` (preference pairs) and ``GRPOTrainer``
 (Python reward functions). ``vision`` fine-tunes a vision-language model (``FastVisionModel``, LoRA on the vision
 tower and the language model, TRL's ``SFTTrainer`` with ``fastft.vision.VisionDataCollator`` on generated pictures).
-Each starts with an install cell that does something only on Colab and a ``parameters``
-cell whose default is fastft's embedded tiny Llama (``vision``: a tiny LLaVA; random weights, its own tokenizer and
-data, shipped in the package: no download, seconds on a CPU, what CI runs) and, on Colab, a real hub model. Cell sources are
+Each starts with an install cell that does something only on Colab and a ``parameters`` cell whose default is
+fastft's embedded tiny Llama (``vision``: a tiny LLaVA; random weights, its own tokenizer and data, shipped in the
+package: no download, seconds on a CPU, what CI runs) and, on Colab, a real hub model. Cell sources are
 ``string.Template`` text: ``${name}`` is filled per notebook (Python code has no ``$``, so its braces stay as they
 are).
 """
@@ -1126,251 +1126,6 @@ summary = {
 print(json.dumps(summary))
 """
 
-# ------------------------------------------------------------------------------------------------ vision
-
-VISION_VARIANT = {
-    "title": "fastft vision: LoRA on a vision-language model's vision and language layers, SFT on images, save",
-    "colab_model": "unsloth/Qwen2-VL-2B-Instruct",
-}
-
-VISION_INTRO = """
-# ${title}
-
-This notebook fine-tunes an image-text-to-text model with `fastft.FastVisionModel` (Unsloth's `FastVisionModel`
-argument names): LoRA adapters on the attention and MLP layers of both the vision tower and the language model, TRL's
-`SFTTrainer` on image-caption chats batched by `fastft.vision.VisionDataCollator`, then inference with an image, the
-adapters and a merged model saved, and the merged model reloaded with plain `transformers`.
-
-**Run it as it is** on a CPU (a minute or two): the default model is fastft's embedded tiny LLaVA (a CLIP vision
-tower, a projector and a Llama language model, random weights, its processor built offline) trained on generated
-pictures of coloured shapes. CI runs this notebook top to bottom that way. **On Colab** (Runtime > Change runtime
-type > T4 GPU) the parameters cell picks `${colab_model}` instead; Qwen2.5-VL, Gemma 3, Llama 3.2 Vision, Pixtral,
-SmolVLM and LLaVA checkpoints load the same way.
-"""
-
-VISION_PARAMETERS_MD = """
-## Parameters
-
-`MODEL_NAME = "embedded"` is the tiny model CI runs; a hub id (or a local folder) trains a real model. The embedded
-model starts from random weights, so it gets a larger learning rate.
-"""
-
-VISION_PARAMETERS = """
-MODEL_NAME = "${colab_model}" if IN_COLAB else "embedded"
-EMBEDDED = MODEL_NAME == "embedded"
-LOAD_IN_4BIT = False  # True: a bitsandbytes NF4 base (QLoRA)
-MAX_SEQ_LENGTH = 128 if EMBEDDED else 1024  # tokens per sample, image tokens included
-IMAGE_SIDE = 16 if EMBEDDED else 224  # pixels of the generated pictures
-EXAMPLES = 200
-BATCH_SIZE = 4 if EMBEDDED else 2
-STEPS = 30 if EMBEDDED else 60
-LEARNING_RATE = 2e-3 if EMBEDDED else 2e-4
-LORA_RANK = 16
-OUTPUT_DIR = "outputs"
-"""
-
-VISION_LOAD_MD = """
-## Load the model and its processor
-
-`FastVisionModel.from_pretrained` takes a hub id or a checkpoint folder and returns a plain `transformers`
-image-text-to-text model patched in place by fastft's kernels, with its processor (tokenizer, chat template, image
-processor). The embedded model is first written as a checkpoint folder, so it is loaded exactly like a hub model.
-`model.fastft_report` says what runs on fastft's kernels and what stays on transformers' code.
-"""
-
-VISION_LOAD = """
-import os
-
-import torch
-
-from fastft import FastVisionModel
-
-os.makedirs(OUTPUT_DIR, exist_ok=True)
-if EMBEDDED:
-    from fastft.bench.vision_assets import write_tiny_vlm
-
-    MODEL_PATH = write_tiny_vlm(os.path.join(OUTPUT_DIR, "embedded-vlm"))
-else:
-    MODEL_PATH = MODEL_NAME
-
-model, processor = FastVisionModel.from_pretrained(
-    MODEL_PATH, max_seq_length=MAX_SEQ_LENGTH, load_in_4bit=LOAD_IN_4BIT
-)
-print(f"{type(model).__name__} on {model.device}, {model.dtype}; processor {type(processor).__name__}")
-print(model.fastft_report.summary())
-"""
-
-VISION_PEFT_MD = """
-## Add LoRA adapters to the vision and language layers
-
-The four `finetune_*` switches choose layers by structure: the vision tower and its projector, or the language
-model; attention, or MLP projections. Here all four are on. `use_gradient_checkpointing="unsloth"` recomputes each
-decoder layer and vision block in backward and keeps only its input, offloaded to host memory.
-"""
-
-VISION_PEFT = """
-model = FastVisionModel.get_peft_model(
-    model,
-    finetune_vision_layers=True,
-    finetune_language_layers=True,
-    finetune_attention_modules=True,
-    finetune_mlp_modules=True,
-    r=LORA_RANK,
-    lora_alpha=LORA_RANK,
-    use_gradient_checkpointing="unsloth",
-    random_state=3407,
-)
-model.print_trainable_parameters()
-adapted = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
-print(len(adapted), "adapted layers, e.g.", adapted[0], "and", adapted[-1])
-"""
-
-VISION_DATA_MD = """
-## Data: pictures and their captions
-
-Each sample is a chat in TRL's vision format: `{"images": [picture], "messages": [user: the picture + a question,
-assistant: its caption]}`, here generated (a coloured square, stripe or dot; the caption names both). For your own
-data, build the same dicts from any dataset; an image can also be a file path, or sit inside the message as
-`{"type": "image", "image": picture}`. `VisionDataCollator` renders each chat with the processor's template, turns
-the pictures into pixel values, pads, and sets the labels to -100 everywhere but the assistant's answers
-(`train_on_responses_only=True`): the prompt, the padding and the image tokens are not learned.
-"""
-
-VISION_DATA = """
-from fastft.bench.vision_assets import image_examples
-from fastft.vision import VisionDataCollator
-
-examples = image_examples(EXAMPLES, seed=0, side=IMAGE_SIDE)
-collator = VisionDataCollator(model, processor, train_on_responses_only=True)
-batch = collator(examples[:2])
-print({key: tuple(value.shape) for key, value in batch.items()})
-learned = [t for t, label in zip(batch["input_ids"][0].tolist(), batch["labels"][0].tolist()) if label != -100]
-print(examples[0]["messages"][0]["content"][1]["text"], "->", repr(processor.tokenizer.decode(learned)))
-"""
-
-VISION_TRAIN_MD = """
-## Train with TRL's `SFTTrainer`
-
-The trainer is TRL's, unchanged; the collator does the batching, so TRL is told to hand it the samples as they are
-(`remove_unused_columns=False`, `skip_prepare_dataset`). fastft already checkpoints, so TRL's own gradient
-checkpointing stays off.
-"""
-
-VISION_TRAIN = """
-from datasets import Dataset
-from trl import SFTConfig, SFTTrainer
-
-FastVisionModel.for_training(model)
-compute_dtype = model.get_input_embeddings().weight.dtype
-trainer = SFTTrainer(
-    model=model,
-    processing_class=processor,
-    data_collator=collator,
-    train_dataset=Dataset.from_list(examples),
-    args=SFTConfig(
-        output_dir=os.path.join(OUTPUT_DIR, "sft"),
-        max_steps=STEPS,
-        per_device_train_batch_size=BATCH_SIZE,
-        learning_rate=LEARNING_RATE,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_length=None,  # the collator refuses samples longer than MAX_SEQ_LENGTH instead of cutting an image
-        remove_unused_columns=False,
-        dataset_kwargs={"skip_prepare_dataset": True},
-        gradient_checkpointing=False,  # fastft's "unsloth" checkpointing is already on
-        bf16=compute_dtype == torch.bfloat16,
-        fp16=compute_dtype == torch.float16,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=0,
-    ),
-)
-trainer.train()
-losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
-"""
-
-VISION_GENERATE_MD = """
-## Ask about a new picture
-
-`FastVisionModel.for_inference` switches to evaluation mode with the KV cache on. The prompt is the user turn with
-its picture and the assistant header (`add_generation_prompt=True`). The embedded model has had 30 small batches
-from random weights: expect caption-like words, not always the right colour.
-"""
-
-VISION_GENERATE = """
-from fastft.bench.vision_assets import make_image
-
-FastVisionModel.for_inference(model)
-picture = make_image("blue", "square", side=IMAGE_SIDE)
-messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
-text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-prompt = processor(text=[text], images=[[picture]], return_tensors="pt", add_special_tokens=False).to(model.device)
-prompt_length = prompt["input_ids"].shape[1]
-with torch.no_grad():
-    generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
-answer = processor.tokenizer.decode(generated[0, prompt_length:], skip_special_tokens=True)
-print("a blue square ->", answer)
-"""
-
-VISION_SAVE_MD = """
-## Save the adapters and a merged model
-
-`save_method="lora"` writes only the adapters (with the processor); `"merged_16bit"` writes a plain `transformers`
-checkpoint with `W + scaling * B @ A` in every adapted layer of the vision tower and the language model, in the
-model's dtype. The live model is left as it was.
-"""
-
-VISION_SAVE = """
-ADAPTER_DIR = os.path.join(OUTPUT_DIR, "lora-adapter")
-MERGED_DIR = os.path.join(OUTPUT_DIR, "merged-16bit")
-model.save_pretrained_merged(ADAPTER_DIR, processor, save_method="lora")
-model.save_pretrained_merged(MERGED_DIR, processor, save_method="merged_16bit")
-for folder in (ADAPTER_DIR, MERGED_DIR):
-    print(folder, sorted(os.listdir(folder)))
-"""
-
-VISION_RELOAD_MD = """
-## Reload the merged model with plain `transformers`
-
-No fastft or PEFT here: the merged checkpoint and its processor are ordinary ones. Teacher-forced on the picture and
-the tokens generated above, its logits match the trained model's to float rounding.
-"""
-
-VISION_RELOAD = """
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-merged = AutoModelForImageTextToText.from_pretrained(MERGED_DIR, dtype="auto", device_map={"": model.device}).eval()
-merged_processor = AutoProcessor.from_pretrained(MERGED_DIR)
-forced = {**prompt, "input_ids": generated, "attention_mask": torch.ones_like(generated)}
-for key in ("mm_token_type_ids", "token_type_ids"):  # per-token image markers (Qwen-VL, Gemma 3): text after the prompt
-    if key in forced:
-        forced[key] = torch.nn.functional.pad(forced[key], (0, generated.shape[1] - prompt_length))
-with torch.no_grad():
-    merged_generated = merged.generate(**prompt, max_new_tokens=8, do_sample=False)
-    trained_logits = model(**forced).logits.float()
-    merged_logits = merged(**forced).logits.float()
-max_logit_diff = (trained_logits - merged_logits).abs().max().item()
-same_tokens = torch.equal(generated, merged_generated)
-print(f"largest logit difference {max_logit_diff:.2e}; same greedy tokens: {same_tokens}")
-"""
-
-VISION_SUMMARY = """
-import json
-
-summary = {
-    "model": MODEL_NAME,
-    "dtype": str(model.dtype),
-    "losses": losses,
-    "answer": answer,
-    "max_logit_diff": max_logit_diff,
-    "same_tokens": same_tokens,
-}
-print(json.dumps(summary))
-"""
-
 CHAT_CELLS = [
     ("markdown", CHAT_INTRO),
     ("code", INSTALL),
@@ -1724,6 +1479,251 @@ OLLAMA_CELLS = [
     ("markdown", CHAT_SUMMARY_MD),
     ("code", OLLAMA_SUMMARY),
 ]
+
+# ------------------------------------------------------------------------------------------------ vision
+
+VISION_VARIANT = {
+    "title": "fastft vision: LoRA on a vision-language model's vision and language layers, SFT on images, save",
+    "colab_model": "unsloth/Qwen2-VL-2B-Instruct",
+}
+
+VISION_INTRO = """
+# ${title}
+
+This notebook fine-tunes an image-text-to-text model with `fastft.FastVisionModel` (Unsloth's `FastVisionModel`
+argument names): LoRA adapters on the attention and MLP layers of both the vision tower and the language model, TRL's
+`SFTTrainer` on image-caption chats batched by `fastft.vision.VisionDataCollator`, then inference with an image, the
+adapters and a merged model saved, and the merged model reloaded with plain `transformers`.
+
+**Run it as it is** on a CPU (a minute or two): the default model is fastft's embedded tiny LLaVA (a CLIP vision
+tower, a projector and a Llama language model, random weights, its processor built offline) trained on generated
+pictures of coloured shapes. CI runs this notebook top to bottom that way. **On Colab** (Runtime > Change runtime
+type > T4 GPU) the parameters cell picks `${colab_model}` instead; Qwen2.5-VL, Gemma 3, Llama 3.2 Vision, Pixtral,
+SmolVLM and LLaVA checkpoints load the same way.
+"""
+
+VISION_PARAMETERS_MD = """
+## Parameters
+
+`MODEL_NAME = "embedded"` is the tiny model CI runs; a hub id (or a local folder) trains a real model. The embedded
+model starts from random weights, so it gets a larger learning rate.
+"""
+
+VISION_PARAMETERS = """
+MODEL_NAME = "${colab_model}" if IN_COLAB else "embedded"
+EMBEDDED = MODEL_NAME == "embedded"
+LOAD_IN_4BIT = False  # True: a bitsandbytes NF4 base (QLoRA)
+MAX_SEQ_LENGTH = 128 if EMBEDDED else 1024  # tokens per sample, image tokens included
+IMAGE_SIDE = 16 if EMBEDDED else 224  # pixels of the generated pictures
+EXAMPLES = 200
+BATCH_SIZE = 4 if EMBEDDED else 2
+STEPS = 30 if EMBEDDED else 60
+LEARNING_RATE = 2e-3 if EMBEDDED else 2e-4
+LORA_RANK = 16
+OUTPUT_DIR = "outputs"
+"""
+
+VISION_LOAD_MD = """
+## Load the model and its processor
+
+`FastVisionModel.from_pretrained` takes a hub id or a checkpoint folder and returns a plain `transformers`
+image-text-to-text model patched in place by fastft's kernels, with its processor (tokenizer, chat template, image
+processor). The embedded model is first written as a checkpoint folder, so it is loaded exactly like a hub model.
+`model.fastft_report` says what runs on fastft's kernels and what stays on transformers' code.
+"""
+
+VISION_LOAD = """
+import os
+
+import torch
+
+from fastft import FastVisionModel
+
+os.makedirs(OUTPUT_DIR, exist_ok=True)
+if EMBEDDED:
+    from fastft.bench.vision_assets import write_tiny_vlm
+
+    MODEL_PATH = write_tiny_vlm(os.path.join(OUTPUT_DIR, "embedded-vlm"))
+else:
+    MODEL_PATH = MODEL_NAME
+
+model, processor = FastVisionModel.from_pretrained(
+    MODEL_PATH, max_seq_length=MAX_SEQ_LENGTH, load_in_4bit=LOAD_IN_4BIT
+)
+print(f"{type(model).__name__} on {model.device}, {model.dtype}; processor {type(processor).__name__}")
+print(model.fastft_report.summary())
+"""
+
+VISION_PEFT_MD = """
+## Add LoRA adapters to the vision and language layers
+
+The four `finetune_*` switches choose layers by structure: the vision tower and its projector, or the language
+model; attention, or MLP projections. Here all four are on. `use_gradient_checkpointing="unsloth"` recomputes each
+decoder layer and vision block in backward and keeps only its input, offloaded to host memory.
+"""
+
+VISION_PEFT = """
+model = FastVisionModel.get_peft_model(
+    model,
+    finetune_vision_layers=True,
+    finetune_language_layers=True,
+    finetune_attention_modules=True,
+    finetune_mlp_modules=True,
+    r=LORA_RANK,
+    lora_alpha=LORA_RANK,
+    use_gradient_checkpointing="unsloth",
+    random_state=3407,
+)
+model.print_trainable_parameters()
+adapted = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
+print(len(adapted), "adapted layers, e.g.", adapted[0], "and", adapted[-1])
+"""
+
+VISION_DATA_MD = """
+## Data: pictures and their captions
+
+Each sample is a chat in TRL's vision format: `{"images": [picture], "messages": [user: the picture + a question,
+assistant: its caption]}`, here generated (a coloured square, stripe or dot; the caption names both). For your own
+data, build the same dicts from any dataset; an image can also be a file path, or sit inside the message as
+`{"type": "image", "image": picture}`. `VisionDataCollator` renders each chat with the processor's template, turns
+the pictures into pixel values, pads, and sets the labels to -100 everywhere but the assistant's answers
+(`train_on_responses_only=True`): the prompt, the padding and the image tokens are not learned.
+"""
+
+VISION_DATA = """
+from fastft.bench.vision_assets import image_examples
+from fastft.vision import VisionDataCollator
+
+examples = image_examples(EXAMPLES, seed=0, side=IMAGE_SIDE)
+collator = VisionDataCollator(model, processor, train_on_responses_only=True)
+batch = collator(examples[:2])
+print({key: tuple(value.shape) for key, value in batch.items()})
+learned = [t for t, label in zip(batch["input_ids"][0].tolist(), batch["labels"][0].tolist()) if label != -100]
+print(examples[0]["messages"][0]["content"][1]["text"], "->", repr(processor.tokenizer.decode(learned)))
+"""
+
+VISION_TRAIN_MD = """
+## Train with TRL's `SFTTrainer`
+
+The trainer is TRL's, unchanged; the collator does the batching, so TRL is told to hand it the samples as they are
+(`remove_unused_columns=False`, `skip_prepare_dataset`). fastft already checkpoints, so TRL's own gradient
+checkpointing stays off.
+"""
+
+VISION_TRAIN = """
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+FastVisionModel.for_training(model)
+compute_dtype = model.get_input_embeddings().weight.dtype
+trainer = SFTTrainer(
+    model=model,
+    processing_class=processor,
+    data_collator=collator,
+    train_dataset=Dataset.from_list(examples),
+    args=SFTConfig(
+        output_dir=os.path.join(OUTPUT_DIR, "sft"),
+        max_steps=STEPS,
+        per_device_train_batch_size=BATCH_SIZE,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_length=None,  # the collator refuses samples longer than MAX_SEQ_LENGTH instead of cutting an image
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        gradient_checkpointing=False,  # fastft's "unsloth" checkpointing is already on
+        bf16=compute_dtype == torch.bfloat16,
+        fp16=compute_dtype == torch.float16,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+    ),
+)
+trainer.train()
+losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
+"""
+
+VISION_GENERATE_MD = """
+## Ask about a new picture
+
+`FastVisionModel.for_inference` switches to evaluation mode with the KV cache on. The prompt is the user turn with
+its picture and the assistant header (`add_generation_prompt=True`). The embedded model has had 30 small batches
+from random weights: expect caption-like words, not always the right colour.
+"""
+
+VISION_GENERATE = """
+from fastft.bench.vision_assets import make_image
+
+FastVisionModel.for_inference(model)
+picture = make_image("blue", "square", side=IMAGE_SIDE)
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
+text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+prompt = processor(text=[text], images=[[picture]], return_tensors="pt", add_special_tokens=False).to(model.device)
+prompt_length = prompt["input_ids"].shape[1]
+with torch.no_grad():
+    generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+answer = processor.tokenizer.decode(generated[0, prompt_length:], skip_special_tokens=True)
+print("a blue square ->", answer)
+"""
+
+VISION_SAVE_MD = """
+## Save the adapters and a merged model
+
+`save_method="lora"` writes only the adapters (with the processor); `"merged_16bit"` writes a plain `transformers`
+checkpoint with `W + scaling * B @ A` in every adapted layer of the vision tower and the language model, in the
+model's dtype. The live model is left as it was.
+"""
+
+VISION_SAVE = """
+ADAPTER_DIR = os.path.join(OUTPUT_DIR, "lora-adapter")
+MERGED_DIR = os.path.join(OUTPUT_DIR, "merged-16bit")
+model.save_pretrained_merged(ADAPTER_DIR, processor, save_method="lora")
+model.save_pretrained_merged(MERGED_DIR, processor, save_method="merged_16bit")
+for folder in (ADAPTER_DIR, MERGED_DIR):
+    print(folder, sorted(os.listdir(folder)))
+"""
+
+VISION_RELOAD_MD = """
+## Reload the merged model with plain `transformers`
+
+No fastft or PEFT here: the merged checkpoint and its processor are ordinary ones. Teacher-forced on the picture and
+the tokens generated above, its logits match the trained model's to float rounding.
+"""
+
+VISION_RELOAD = """
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+merged = AutoModelForImageTextToText.from_pretrained(MERGED_DIR, dtype="auto", device_map={"": model.device}).eval()
+merged_processor = AutoProcessor.from_pretrained(MERGED_DIR)
+forced = {**prompt, "input_ids": generated, "attention_mask": torch.ones_like(generated)}
+for key in ("mm_token_type_ids", "token_type_ids"):  # per-token image markers (Qwen-VL, Gemma 3): text after the prompt
+    if key in forced:
+        forced[key] = torch.nn.functional.pad(forced[key], (0, generated.shape[1] - prompt_length))
+with torch.no_grad():
+    merged_generated = merged.generate(**prompt, max_new_tokens=8, do_sample=False)
+    trained_logits = model(**forced).logits.float()
+    merged_logits = merged(**forced).logits.float()
+max_logit_diff = (trained_logits - merged_logits).abs().max().item()
+same_tokens = torch.equal(generated, merged_generated)
+print(f"largest logit difference {max_logit_diff:.2e}; same greedy tokens: {same_tokens}")
+"""
+
+VISION_SUMMARY = """
+import json
+
+summary = {
+    "model": MODEL_NAME,
+    "dtype": str(model.dtype),
+    "losses": losses,
+    "answer": answer,
+    "max_logit_diff": max_logit_diff,
+    "same_tokens": same_tokens,
+}
+print(json.dumps(summary))
+"""
 
 VISION_CELLS = [
     ("markdown", VISION_INTRO),

@@ -151,9 +151,9 @@ class _Walk:
     ungated: dict[type, object] = field(default_factory=dict)
     mlp_layouts: dict[type, object] = field(default_factory=dict)
     ropes: dict[type, dict[str, rotary.Convention | None]] = field(default_factory=dict)
+    tables: dict[type, rotary.TableLayout | None] = field(default_factory=dict)
     experts_specs: dict[type, tuple[experts.ExpertsSpec | None, str]] = field(default_factory=dict)
     dispatched: list[nn.Module] = field(default_factory=list)  # experts switched through ExpertsInterface
-    tables: dict[type, rotary.TableLayout | None] = field(default_factory=dict)
 
     def skip(self, module: nn.Module, reason: str) -> None:
         self.report.skipped.setdefault(type(module).__name__, reason)
@@ -274,6 +274,18 @@ def _patch_attention(module: nn.Module, att: object, walk: _Walk) -> None:
     walk.report.attentions += 1
 
 
+def _patch_table(module: nn.Module, layout: rotary.TableLayout, walk: _Walk) -> None:
+    cls = type(module)
+    if cls not in walk.tables:
+        walk.tables[cls] = rotary.probe_table(module, layout, layers.rotary_tables)
+    if walk.tables[cls] is None:
+        walk.skip(module, "rotary table layout not recognised")
+        return
+    module._fastft_table = walk.tables[cls]
+    layers.swap_class(module, layers.FastRotaryTable)
+    walk.report.tables += 1
+
+
 def _patch_experts(module: nn.Module, walk: _Walk) -> None:
     """Routed experts: probed once per class; through transformers' ``ExpertsInterface`` where the class
     dispatches there (switched for the whole model after the walk), else the instance's class is swapped."""
@@ -330,18 +342,6 @@ def _switch_experts_implementation(root: nn.Module, walk: _Walk) -> None:
     for module in walk.dispatched:
         if getattr(module.config, "_experts_implementation", None) != experts.IMPLEMENTATION:
             layers.swap_class(module, experts.FastExperts)
-
-
-def _patch_table(module: nn.Module, layout: rotary.TableLayout, walk: _Walk) -> None:
-    cls = type(module)
-    if cls not in walk.tables:
-        walk.tables[cls] = rotary.probe_table(module, layout, layers.rotary_tables)
-    if walk.tables[cls] is None:
-        walk.skip(module, "rotary table layout not recognised")
-        return
-    module._fastft_table = walk.tables[cls]
-    layers.swap_class(module, layers.FastRotaryTable)
-    walk.report.tables += 1
 
 
 def _patch_module(module: nn.Module, walk: _Walk) -> None:

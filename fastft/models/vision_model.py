@@ -11,8 +11,8 @@ The vision counterpart of :class:`fastft.models.fast_model.FastModel`, with the 
 
 The model is a plain ``transformers`` image-text-to-text model (``AutoModelForImageTextToText``: Qwen2/2.5/3-VL,
 Gemma 3/4, Llama 3.2 Vision, Mistral 3 / Pixtral, LFM2-VL, Idefics3 / SmolVLM, LLaVA, ...) patched in place by
-:func:`fastft.patch`, which makes its language model fast and leaves what it does not recognise on transformers'
-code (named in ``model.fastft_report``).
+:func:`fastft.patch`, which makes its language model and its vision tower fast and leaves what it does not
+recognise on transformers' code (named in ``model.fastft_report``).
 
 **Which layers get adapters.** The four ``finetune_*`` flags choose by structure, not by a list of names: a linear
 layer belongs to the *language* part when it sits inside the language model (``model.get_decoder()``), to the
@@ -20,8 +20,8 @@ layer belongs to the *language* part when it sits inside the language model (``m
 head); it is an *attention* module when a module on its path is named like attention (``attn``, ``attention``), an
 *MLP* module when one is named like an MLP or a projector (``mlp``, ``ffn``, ``feed_forward``, ``projector``,
 ``merger``, ``connector``, ``projection``; in the vision part also the layer's own name, for a projector that is a
-single linear layer). Patch embeddings, a vision tower's pooling head (SigLIP's ``head``, which the VLMs never call) and the
-output head are never adapted. The chosen layers become one PEFT ``target_modules`` regex with the
+single linear layer). Patch embeddings, a vision tower's pooling head (SigLIP's ``head``, which the VLMs never
+call) and the output head are never adapted. The chosen layers become one PEFT ``target_modules`` regex with the
 layer numbers written as ``\\d+``, checked to match exactly those layers.
 """
 
@@ -76,7 +76,7 @@ def _check_vision_model(root: nn.Module) -> nn.Module:
 
 
 def _part_kind(path: str) -> str | None:
-    """The kind ("attention", "mlp" or None) of a module path below its part (the vision tower or the language model)."""
+    """The kind ("attention", "mlp" or None) of a module path below its part (vision tower or language model)."""
     parts = path.lower().split(".")[:-1]  # the module's own (leaf) name says nothing about its block
     if any(word in part for part in parts for word in _ATTENTION_WORDS):
         return "attention"

@@ -32,7 +32,7 @@ def test_the_same_step_runs_for_every_contender(measured):
 def test_fastft_saves_at_most_35_percent_of_plain(measured):
     """fastft's kernels in the vision tower and the language model, and its fused loss, keep at most 0.35x of what
     plain transformers + PEFT keeps for backward (measured: 0.30); FastVisionModel's default, offloaded
-    checkpointing of every decoder layer and vision block, at most 0.08x on the device (measured: 0.05)."""
+    checkpointing of every decoder layer and vision block, at most 0.08x on the device (measured: 0.04)."""
     plain, offload, fastft = (measured[n] for n in ("plain", "fastft+offload", "fastft"))
     table = vlm.saved_table(list(measured.values()))
     assert fastft.saved_bytes <= 0.35 * plain.saved_bytes, table
