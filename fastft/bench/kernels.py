@@ -88,6 +88,7 @@ class KernelBench:
     liger_kwargs: dict = field(default_factory=dict)
     fwd_case: str | None = None
     bwd_case: str | None = None
+    compile_reason: str | None = None  # why torch.compile of the reference is not a contender (None: it is)
 
     def call(self, impl: Callable, inputs: dict, kwargs: dict | None = None) -> object:
         return impl(*[inputs[name] for name in self.args], **(self.kwargs if kwargs is None else kwargs))
@@ -272,6 +273,7 @@ def _moe_bench(device: torch.device, tokens: int | None) -> KernelBench:
             f"trainable, top-{moe.top_k}; pytorch = the expert loop of transformers' eager experts"
         ),
         kwargs=moe_shapes.moe_kwargs(moe),
+        compile_reason="the reference's expert loop is data-dependent (torch.compile breaks and recompiles per expert)",
     )
 
 
@@ -333,6 +335,8 @@ def implementation(bench: KernelBench, contender: str, device: torch.device) -> 
         fn = getattr(module, f"{bench.module}_reference")
         return lambda inputs: bench.call(fn, inputs)
     if contender == "torch.compile":
+        if bench.compile_reason:
+            raise Unavailable(bench.compile_reason)
         compiled = _compiled(bench.name, device.type)
         return lambda inputs: bench.call(compiled, inputs, kwargs={})
     if contender == "liger":

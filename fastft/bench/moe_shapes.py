@@ -2,7 +2,7 @@
 
 :data:`QWEN3_30B_A3B` (hidden 2048, expert intermediate 768, 128 experts, top-8) and :data:`GPT_OSS_20B` (hidden
 2880, intermediate 2880, 32 experts, top-4, biases, interleaved clamped SwiGLU, transposed stacks) at 8192 tokens
-are the audit shapes of :func:`fastft.kernels.moe_experts.audit_cases`; :data:`SAVED_BYTES` is the shape the
+are the audit shapes of :func:`fastft.kernels.grouped_matmul.audit_cases`; :data:`SAVED_BYTES` is the shape the
 saved-for-backward comparison is quoted at (``benchmarks/moe_saved_bytes.py``); :data:`CPU_QWEN3` a reduced one
 for machines without a GPU. Routing is what a softmax top-k router produces on random logits (normalised top-k
 probabilities, distinct experts per token), so experts receive uneven numbers of tokens.
@@ -32,10 +32,10 @@ class MoEShape:
 QWEN3_30B_A3B = MoEShape("qwen3-30b-a3b", tokens=8192, hidden=2048, intermediate=768, experts=128, top_k=8)
 GPT_OSS_20B = MoEShape("gpt-oss-20b", tokens=8192, hidden=2880, intermediate=2880, experts=32, top_k=4, gpt_oss=True)
 SAVED_BYTES = MoEShape("saved-bytes", tokens=256, hidden=2048, intermediate=768, experts=16, top_k=8)
-# Without a GPU: Qwen3-30B-A3B's proportions at half width, 16 experts, 64 tokens (the float64 accuracy pass of the
-# kernel benchmark copies every stack, so the full 128 x 3 x 2048 x 768 would be gigabytes on a CPU).
+# Without a GPU (and in the GPU suite's dry run): Qwen3-30B-A3B's proportions at 1/8 width, 16 experts, top-8,
+# 64 tokens; the kernel benchmark's float64 accuracy pass copies every stack, and a CPU has seconds for it.
 CPU_QWEN3 = dataclasses.replace(
-    QWEN3_30B_A3B, name="qwen3-30b-a3b/2@64tok/16e", tokens=64, hidden=1024, intermediate=384, experts=16
+    QWEN3_30B_A3B, name="qwen3-30b-a3b/8@64tok/16e", tokens=64, hidden=256, intermediate=96, experts=16
 )
 
 
