@@ -28,7 +28,8 @@ of the budgets, 500 s by default, under the 9 minutes the run may take):
   TRL's chunked function and full logits: step time and peak memory;
 - ``max_context`` (60 s): the longest sequence one training step fits in under an 80 GB (80e9 bytes) cap
   (``set_per_process_memory_fraction``; an OOM or a peak above the cap does not fit), per contender in its
-  memory-saving mode (plain and Liger with transformers' checkpointing, fastft with offloaded checkpointing):
+  memory-saving mode (plain and Liger with transformers' checkpointing, fastft with offloaded checkpointing, and
+  fastft ``long``: offloaded checkpointing with the tiled MLP of ``set_long_context``; GPU and host peak reported):
   doubling from 4096, then bisecting; a probe that would not end within the part's budget is not started, and the
   answer says "time budget" instead of a failing length;
 - ``vlm_step`` (40 s, its seconds taken from ``kernels`` 10, ``lora_step`` 20 and ``max_context`` 10): one

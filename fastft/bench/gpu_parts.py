@@ -16,6 +16,7 @@ import gc
 import importlib.util
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -43,7 +44,9 @@ LORA_PLAN = (
     ("4bit", "liger", "none"),
     ("bf16", "fastft", "offload"),
 )
-MAX_CONTEXT_PLAN = (("plain", "standard"), ("liger", "standard"), ("fastft", "offload"))
+MAX_CONTEXT_PLAN = (("plain", "standard"), ("liger", "standard"), ("fastft", "offload"), ("fastft", "long"))
+# "long": offloaded checkpointing plus fastft.models.long_context.set_long_context (tiled MLP with its norm fused;
+# every layer input kept: one step's host memory is far below the machine's at the lengths the budget reaches).
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the fastft package
 # spawn(new_group=True): the worker leads a process group of its own, so a kill at its budget takes its children.
 _NEW_GROUP: dict[str, Any] = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
@@ -209,16 +212,23 @@ def _build(spec: dict, device: torch.device):
     from fastft.bench import step
 
     dims = ModelDims(**spec["dims"])
-    return step.build_model(
+    long = spec["checkpointing"] == "long"
+    model, note = step.build_model(
         dims.config(),
         spec["contender"],
         dtype=torch.bfloat16,
         device=device,
         load_in_4bit=spec["quant"] == "4bit",
-        checkpointing=spec["checkpointing"],
+        checkpointing="offload" if long else spec["checkpointing"],
         rank=dims.rank,
         lora_alpha=dims.rank,
     )
+    if long:
+        from fastft.models.long_context import set_long_context
+
+        set_long_context(model, tiled_mlp=True)
+        note += "; long context: tiled MLP (norm fused), offloaded checkpointing"
+    return model, note
 
 
 def _free(device: torch.device) -> None:
@@ -293,7 +303,10 @@ def _max_context_one(spec: dict, emit: Callable[[dict], None]) -> dict:
         t0 = time.perf_counter()
         used = _step_bytes(model, _random_batch(dims, seq_len, device), device)
         ok = used is not None and used <= cap
-        out["probes"].append({"seq_len": seq_len, "bytes": used, "fits": ok, "seconds": time.perf_counter() - t0})
+        host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak host memory (Linux KiB)
+        out["probes"].append(
+            {"seq_len": seq_len, "bytes": used, "host_bytes": host, "fits": ok, "seconds": time.perf_counter() - t0}
+        )
         if ok:
             out["longest"] = max(out["longest"] or 0, seq_len)
         emit(out)

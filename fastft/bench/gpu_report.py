@@ -85,15 +85,15 @@ def memory_bytes(row: dict) -> int | None:
 
 def _context_rows(results: dict) -> list[str]:
     lines = [
-        "| contender | checkpointing | longest that fits (tokens) | peak there | stopped by | status |",
-        "| --- | --- | ---: | ---: | --- | --- |",
+        "| contender | checkpointing | longest that fits (tokens) | GPU peak there | host peak there | stopped by | status |",
+        "| --- | --- | ---: | ---: | ---: | --- | --- |",
     ]
     for r in results.get("rows") or []:
         fits = [p for p in r.get("probes") or [] if p["fits"]]
-        at = max(fits, key=lambda p: p["seq_len"])["bytes"] if fits else None
+        best = max(fits, key=lambda p: p["seq_len"]) if fits else {}
         lines.append(
-            f"| {r['contender']} | {r['checkpointing']} | {_fmt(r.get('longest'), ',d')} | {_gb(at)} | "
-            f"{r.get('stopped') or '-'} | {_status(r)} |"
+            f"| {r['contender']} | {r['checkpointing']} | {_fmt(r.get('longest'), ',d')} | {_gb(best.get('bytes'))} | "
+            f"{_gb(best.get('host_bytes'))} | {r.get('stopped') or '-'} | {_status(r)} |"
         )
     return lines
 
