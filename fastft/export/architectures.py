@@ -119,7 +119,9 @@ def _gemma3_keys(config: Any, writer: Any) -> None:
     if config.final_logit_softcapping:
         writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
     if getattr(config, "attn_logit_softcapping", None):
-        raise UnsupportedModelError("gemma3 with attn_logit_softcapping: llama.cpp's Gemma-3 graph has no attention softcap.")
+        raise UnsupportedModelError(
+            "gemma3 with attn_logit_softcapping: llama.cpp's Gemma-3 graph has no attention softcap."
+        )
     writer.add_sliding_window(int(config.sliding_window))
     writer.add_rope_freq_base_swa(float(rope_parameters(config, "sliding_attention")["rope_theta"]))
     if rope_parameters(config, "sliding_attention")["rope_type"] != "default":
@@ -210,7 +212,12 @@ def write_hyperparameters(config: Any, writer: Any, arch: Architecture, vocab_si
     dim = head_dim(config)
     writer.add_key_length(dim)
     writer.add_value_length(dim)
-    rotary = int(dim * float(rope_parameters(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0))
+    rotary = int(
+        dim
+        * float(
+            rope_parameters(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+        )
+    )
     writer.add_rope_dimension_count(rotary)
     writer.add_vocab_size(vocab_size)
     _rope_keys(config, writer, arch)

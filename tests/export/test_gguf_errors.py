@@ -21,8 +21,9 @@ from tests.models.tiny import TEXT_VOCAB, lora_config, tiny_model
 
 
 def _llama(**overrides):
-    return tiny_model("llama", **{**TEXT_VOCAB, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
-                                  **overrides})
+    return tiny_model(
+        "llama", **{**TEXT_VOCAB, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, **overrides}
+    )
 
 
 def test_unknown_method_lists_the_valid_ones(tmp_path):

@@ -44,10 +44,16 @@ def test_python_quantisations_hold_the_merged_weights(tmp_path):
         llm.close()
         if method == "bf16":
             continue  # transformers' GGUF loader does not dequantise BF16; llama.cpp's logits are checked below
-        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=os.path.basename(path)).state_dict()
+        back = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, gguf_file=os.path.basename(path)
+        ).state_dict()
         for name, tensor in merged.items():
-            if tensor.dim() != 2 or "embed" in name or "lm_head" in name or "self_attn.q_proj" in name or (
-                "self_attn.k_proj" in name
+            if (
+                tensor.dim() != 2
+                or "embed" in name
+                or "lm_head" in name
+                or "self_attn.q_proj" in name
+                or ("self_attn.k_proj" in name)
             ):
                 continue  # q/k rows are permuted back by the loader after dequantisation; compared via logits below
             bound = (STEP[method] + 2**-11) * tensor.abs().amax(dim=1, keepdim=True)
@@ -67,10 +73,15 @@ def test_qlora_base_is_dequantised_and_merged(tmp_path):
     sizes = {"intermediate_size": 128, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}
     base = tiny_model("llama", **TEXT_VOCAB, **sizes)
     base.save_pretrained(tmp_path / "base")
-    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    qmodel = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization,
-                                                               dtype=torch.float32)
+    quantization = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    qmodel = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=quantization, dtype=torch.float32
+    )
     model = peft.get_peft_model(qmodel, lora_config("llama"))
     tokenizer = byte_level()
     paths = save_pretrained_gguf(model, tokenizer, tmp_path / "out", "f32", progress=False)
@@ -109,8 +120,7 @@ def test_push_to_hub_uploads_the_export(monkeypatch):
             calls.append(("upload", repo_id, sorted(os.listdir(folder_path)), commit_message))
 
     monkeypatch.setattr(huggingface_hub, "HfApi", Recorder)
-    names = push_to_hub_gguf(_model(), byte_level(), "me/tiny-GGUF", "q8_0", token="hf_x", private=True,
-                             progress=False)
+    names = push_to_hub_gguf(_model(), byte_level(), "me/tiny-GGUF", "q8_0", token="hf_x", private=True, progress=False)
     assert names == ["tiny-GGUF.Q8_0.gguf", "Modelfile"]
     assert calls == [
         ("token", "hf_x"),

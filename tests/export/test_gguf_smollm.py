@@ -51,8 +51,9 @@ def trained():
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
     base = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
     torch.manual_seed(0)
-    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                                 "up_proj", "down_proj"])
+    config = peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     model = peft.get_peft_model(base, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     examples = default_examples()[:4]
@@ -70,17 +71,23 @@ def trained():
 
 
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     return tokenizer(text)["input_ids"]
 
 
 def test_smollm2_train_merge_export(trained, tmp_path):
     model, tokenizer = trained
-    delta = max((b.weight - a).abs().max().item() for a, b in [
-        (model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight,
-         copy.deepcopy(model).merge_and_unload().model.layers[0].self_attn.q_proj)
-    ])
+    delta = max(
+        (b.weight - a).abs().max().item()
+        for a, b in [
+            (
+                model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight,
+                copy.deepcopy(model).merge_and_unload().model.layers[0].self_attn.q_proj,
+            )
+        ]
+    )
     assert delta > 1e-3, "the adapter must change the weights for this test to mean anything"
     reference = copy.deepcopy(model).merge_and_unload()
     ours = merged_state_dict(model)
@@ -89,7 +96,10 @@ def test_smollm2_train_merge_export(trained, tmp_path):
 
     paths = save_pretrained_gguf(model, tokenizer, tmp_path / "smollm2", ["f16", "q8_0", "q4_k_m"], progress=False)
     assert [os.path.basename(p) for p in paths] == [
-        "smollm2.F16.gguf", "smollm2.Q8_0.gguf", "smollm2.Q4_K_M.gguf", "Modelfile"
+        "smollm2.F16.gguf",
+        "smollm2.Q8_0.gguf",
+        "smollm2.Q4_K_M.gguf",
+        "Modelfile",
     ]
     assert sorted(os.listdir(tmp_path / "smollm2")) == sorted(os.path.basename(p) for p in paths)
 
@@ -98,8 +108,9 @@ def test_smollm2_train_merge_export(trained, tmp_path):
     greedy = [hf_greedy(reference, ids, 16) for ids in prompts]
     llm = load(paths[0], f32_cache=False)
     for text, ids, ref, tokens in zip(PROMPTS, prompts, refs, greedy):
-        chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
+        chat = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
         assert llm.tokenize(chat.encode(), add_bos=False, special=True) == ids
         err = np.abs(llama_logits(llm, ids) - ref).max() / np.abs(ref).max()
         print(f"f16: max |logit difference| / max |logit| = {err:.4f}")
@@ -123,8 +134,10 @@ def test_smollm2_train_merge_export(trained, tmp_path):
     agree = total = same_greedy = 0
     for ids, ref, tokens in zip(prompts, refs, greedy):
         err = np.abs(llama_logits(llm, ids) - ref).max() / np.abs(ref).max()
-        print(f"q8_0: max |logit difference| / max |logit| = {err:.4f} (llama.cpp on the published file: "
-              f"{client_error:.4f})")
+        print(
+            f"q8_0: max |logit difference| / max |logit| = {err:.4f} (llama.cpp on the published file: "
+            f"{client_error:.4f})"
+        )
         assert err <= 2 * client_error
         forced = ids + tokens
         agree += int((llama_logits(llm, forced).argmax(-1) == hf_logits(reference, forced).argmax(-1)).sum())
