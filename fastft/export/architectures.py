@@ -164,7 +164,27 @@ ARCHITECTURES: dict[str, Architecture] = {
         "gemma3", norm_offset=1.0, query_scale="q_norm", big_model_layers=62, keys=_gemma3_keys
     ),
     "phi3": Architecture("phi3", keys=_phi3_keys),
+    "olmo2": Architecture("olmo2"),
+    "granite": Architecture("granite", permute_qk=True, keys=lambda c, w: _granite_keys(c, w)),
+    "smollm3": Architecture("smollm3", permute_qk=True, keys=lambda c, w: _smollm3_keys(c, w)),
 }
+
+
+def _granite_keys(config: Any, writer: Any) -> None:
+    writer.add_attention_scale(float(config.attention_multiplier))
+    writer.add_embedding_scale(float(config.embedding_multiplier))
+    writer.add_residual_scale(float(config.residual_multiplier))
+    writer.add_logit_scale(float(config.logits_scaling))
+
+
+def _smollm3_keys(config: Any, writer: Any) -> None:
+    """llama.cpp skips rope on every 4th layer (3, 7, ...), SmolLM-3's default ``no_rope_layers``."""
+    flags = list(getattr(config, "no_rope_layers", None) or [])
+    expected = [int((i + 1) % 4 != 0) for i in range(config.num_hidden_layers)]
+    if flags and [int(bool(f)) for f in flags] != expected:
+        raise UnsupportedModelError(
+            f"smollm3: no_rope_layers {flags} differ from llama.cpp's fixed pattern (no rope on every 4th layer)."
+        )
 
 
 def _mistral_keys(config: Any, writer: Any) -> None:
