@@ -190,9 +190,12 @@ def _smollm3_keys(config: Any, writer: Any) -> None:
 def _mistral_keys(config: Any, writer: Any) -> None:
     window = getattr(config, "sliding_window", None)
     if window and window < config.max_position_embeddings:
-        raise UnsupportedModelError(
-            f"mistral with sliding_window={window}: llama.cpp's llama graph attends to all tokens. Set "
-            "config.sliding_window = None (Mistral v0.2+ has none) if the model was trained without it."
+        import warnings
+
+        warnings.warn(
+            f"mistral with sliding_window={window}: llama.cpp's llama graph attends to all tokens, so the GGUF model "
+            f"equals this one for contexts up to {window} tokens only (as every Mistral v0.1 GGUF does).",
+            stacklevel=3,
         )
 
 

@@ -178,6 +178,12 @@ class _Plan:
             if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
                 continue
             gguf_name = self.name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None and name == "lm_head.weight":
+                raise UnsupportedModelError(
+                    f"{self.model_type}: llama.cpp's {self.arch.gguf_arch} graph always uses the token embedding as "
+                    "its output layer, but this model's lm_head is not tied to it (tie_word_embeddings=False); such "
+                    "a model cannot be written to GGUF."
+                )
             if gguf_name is None:
                 raise UnsupportedModelError(
                     f"{self.model_type}: the tensor {name!r} has no GGUF name in gguf's map for "

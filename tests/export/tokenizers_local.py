@@ -61,12 +61,18 @@ def sentencepiece(kind: str = "llama", vocab_size: int = 600):
             bos_token="<s>",
             eos_token="</s>",
             pad_token="<unk>",
+            add_bos_token=True,
         )
         tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
         tokenizer.chat_template = GEMMA
     else:
         tokenizer = LlamaTokenizer(
-            vocab=dict(vocab), merges=list(merges), unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+            vocab=dict(vocab),
+            merges=list(merges),
+            unk_token="<unk>",
+            bos_token="<s>",
+            eos_token="</s>",
+            add_bos_token=kind == "llama",  # Llama-2 and Mistral add BOS, Phi-3 does not
         )
         extra = (
             ["<|end|>", "<|user|>", "<|assistant|>", "<|system|>"] if kind == "phi3" else ["<|im_start|>", "<|im_end|>"]
