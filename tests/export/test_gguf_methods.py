@@ -127,3 +127,26 @@ def test_push_to_hub_uploads_the_export(monkeypatch):
         ("create_repo", "me/tiny-GGUF", True),
         ("upload", "me/tiny-GGUF", ["Modelfile", "tiny-GGUF.Q8_0.gguf"], "Upload GGUF export (fastft)"),
     ]
+
+
+def test_llama_cpp_quantisation_alone_leaves_only_its_file(tmp_path):
+    pytest.importorskip("llama_cpp")
+    model, tokenizer = _model(), byte_level()
+    paths = save_pretrained_gguf(model, tokenizer, tmp_path / "out", ["q4_k_m", "q6_k"], progress=False)
+    # the f16 input of llama.cpp's quantiser was written to a scratch folder and removed
+    assert sorted(os.listdir(tmp_path / "out")) == ["Modelfile", "out.Q4_K_M.gguf", "out.Q6_K.gguf"]
+    ids = tokenizer("What is 17 + 25? Answer: 42.")["input_ids"]
+    ref = hf_logits(model, ids)
+    for path, file_type, least in zip(paths[:2], ("MOSTLY_Q4_K_M", "MOSTLY_Q6_K"), (0.95, 0.99)):
+        import gguf
+
+        assert gguf.GGUFReader(path).fields["general.file_type"].contents() == gguf.LlamaFileType[file_type]
+        llm = load(path)
+        got = llama_logits(llm, ids)
+        llm.close()
+        # tiny rows (64 values) are below the k-quants' 256-value blocks, so llama.cpp falls back to 4/5/8-bit block
+        # types, and random weights give flat logits: the check is their correlation with transformers' (measured
+        # q4_k_m 0.984, q6_k 0.999)
+        correlation = np.corrcoef(got.ravel(), ref.ravel())[0, 1]
+        print(f"{file_type}: correlation {correlation:.4f}")
+        assert correlation >= least, (file_type, correlation)
