@@ -14,7 +14,7 @@ config. A row holds what neither can tell, each fact stated against llama.cpp's 
   value is folded exactly into the query projection (Gemma-2) or the query norm (Gemma-3): rotation is
   linear, so scaling q before it scales the score.
 - ``keys``: hyperparameters of that architecture beyond the common ones (softcaps, sliding windows, the
-  sliding layers' rope base).
+  sliding layers' rope base, Granite's multipliers), and checks that a layer pattern is llama.cpp's fixed one.
 
 An architecture transformers has and llama.cpp does not (or a feature of one, such as a rope scaling the
 file cannot express) raises :class:`UnsupportedModelError` before any file is opened.
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,6 @@ class Architecture:
     query_scale: str | None = None  # "q_proj" or "q_norm": where a score scale llama.cpp lacks is folded
     big_model_layers: int | None = None  # the layer count of the model llama.cpp scales by hidden / heads
     keys: Callable[[Any, Any], None] | None = None  # (config, writer) -> extra metadata
-    notes: dict[str, str] = field(default_factory=dict)
 
 
 def head_dim(config: Any) -> int:

@@ -143,11 +143,7 @@ def _text_config(model: Any) -> Any:
         raise TypeError(
             f"save_pretrained_gguf expects a transformers model (or a PEFT model); got {type(model).__name__}."
         )
-    if (
-        getattr(config, "model_type", None) not in (None,)
-        and hasattr(config, "text_config")
-        and not hasattr(config, "num_hidden_layers")
-    ):
+    if hasattr(config, "text_config") and not hasattr(config, "num_hidden_layers"):
         raise UnsupportedModelError(
             f"{config.model_type} is a multimodal model; GGUF export writes text-only causal LMs. Export its "
             "language model alone (for Gemma-3: Gemma3ForCausalLM) or use llama.cpp's converter with mmproj."
