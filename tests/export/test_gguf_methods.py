@@ -150,3 +150,17 @@ def test_llama_cpp_quantisation_alone_leaves_only_its_file(tmp_path):
         correlation = np.corrcoef(got.ravel(), ref.ravel())[0, 1]
         print(f"{file_type}: correlation {correlation:.4f}")
         assert correlation >= least, (file_type, correlation)
+
+
+def test_patched_model_exports_the_same_file(tmp_path):
+    """fastft's patching swaps forwards, never weights: the export of a patched model is byte-identical."""
+    import copy
+
+    from fastft.models.patch import patch
+
+    plain = _model()
+    patched = patch(copy.deepcopy(plain))
+    first = save_pretrained_gguf(plain, byte_level(), tmp_path / "a", "f16", model_name="m", progress=False)[0]
+    second = save_pretrained_gguf(patched, byte_level(), tmp_path / "b", "f16", model_name="m", progress=False)[0]
+    with open(first, "rb") as a, open(second, "rb") as b:
+        assert a.read() == b.read()
