@@ -14,7 +14,7 @@ config. A row holds what neither can tell, each fact stated against llama.cpp's 
   value is folded exactly into the query projection (Gemma-2) or the query norm (Gemma-3): rotation is
   linear, so scaling q before it scales the score.
 - ``keys``: hyperparameters of that architecture beyond the common ones (softcaps, sliding windows, the
-  sliding layers' rope base).
+  sliding layers' rope base, Granite's multipliers), and checks that a layer pattern is llama.cpp's fixed one.
 
 An architecture transformers has and llama.cpp does not (or a feature of one, such as a rope scaling the
 file cannot express) raises :class:`UnsupportedModelError` before any file is opened.
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,6 @@ class Architecture:
     query_scale: str | None = None  # "q_proj" or "q_norm": where a score scale llama.cpp lacks is folded
     big_model_layers: int | None = None  # the layer count of the model llama.cpp scales by hidden / heads
     keys: Callable[[Any, Any], None] | None = None  # (config, writer) -> extra metadata
-    notes: dict[str, str] = field(default_factory=dict)
 
 
 def head_dim(config: Any) -> int:
@@ -119,7 +118,9 @@ def _gemma3_keys(config: Any, writer: Any) -> None:
     if config.final_logit_softcapping:
         writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
     if getattr(config, "attn_logit_softcapping", None):
-        raise UnsupportedModelError("gemma3 with attn_logit_softcapping: llama.cpp's Gemma-3 graph has no attention softcap.")
+        raise UnsupportedModelError(
+            "gemma3 with attn_logit_softcapping: llama.cpp's Gemma-3 graph has no attention softcap."
+        )
     writer.add_sliding_window(int(config.sliding_window))
     writer.add_rope_freq_base_swa(float(rope_parameters(config, "sliding_attention")["rope_theta"]))
     if rope_parameters(config, "sliding_attention")["rope_type"] != "default":
@@ -162,15 +163,38 @@ ARCHITECTURES: dict[str, Architecture] = {
         "gemma3", norm_offset=1.0, query_scale="q_norm", big_model_layers=62, keys=_gemma3_keys
     ),
     "phi3": Architecture("phi3", keys=_phi3_keys),
+    "olmo2": Architecture("olmo2"),
+    "granite": Architecture("granite", permute_qk=True, keys=lambda c, w: _granite_keys(c, w)),
+    "smollm3": Architecture("smollm3", permute_qk=True, keys=lambda c, w: _smollm3_keys(c, w)),
 }
+
+
+def _granite_keys(config: Any, writer: Any) -> None:
+    writer.add_attention_scale(float(config.attention_multiplier))
+    writer.add_embedding_scale(float(config.embedding_multiplier))
+    writer.add_residual_scale(float(config.residual_multiplier))
+    writer.add_logit_scale(float(config.logits_scaling))
+
+
+def _smollm3_keys(config: Any, writer: Any) -> None:
+    """llama.cpp skips rope on every 4th layer (3, 7, ...), SmolLM-3's default ``no_rope_layers``."""
+    flags = list(getattr(config, "no_rope_layers", None) or [])
+    expected = [int((i + 1) % 4 != 0) for i in range(config.num_hidden_layers)]
+    if flags and [int(bool(f)) for f in flags] != expected:
+        raise UnsupportedModelError(
+            f"smollm3: no_rope_layers {flags} differ from llama.cpp's fixed pattern (no rope on every 4th layer)."
+        )
 
 
 def _mistral_keys(config: Any, writer: Any) -> None:
     window = getattr(config, "sliding_window", None)
     if window and window < config.max_position_embeddings:
-        raise UnsupportedModelError(
-            f"mistral with sliding_window={window}: llama.cpp's llama graph attends to all tokens. Set "
-            "config.sliding_window = None (Mistral v0.2+ has none) if the model was trained without it."
+        import warnings
+
+        warnings.warn(
+            f"mistral with sliding_window={window}: llama.cpp's llama graph attends to all tokens, so the GGUF model "
+            f"equals this one for contexts up to {window} tokens only (as every Mistral v0.1 GGUF does).",
+            stacklevel=3,
         )
 
 
@@ -210,7 +234,12 @@ def write_hyperparameters(config: Any, writer: Any, arch: Architecture, vocab_si
     dim = head_dim(config)
     writer.add_key_length(dim)
     writer.add_value_length(dim)
-    rotary = int(dim * float(rope_parameters(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0))
+    rotary = int(
+        dim
+        * float(
+            rope_parameters(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+        )
+    )
     writer.add_rope_dimension_count(rotary)
     writer.add_vocab_size(vocab_size)
     _rope_keys(config, writer, arch)

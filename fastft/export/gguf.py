@@ -60,13 +60,37 @@ PYTHON_METHODS: dict[str, tuple[str, str]] = {
 LLAMA_CPP_METHODS: dict[str, str] = {
     name: f"LLAMA_FTYPE_MOSTLY_{name.upper()}"
     for name in (
-        "q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
-        "iq4_nl", "iq4_xs", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m", "iq2_m",
+        "q2_k",
+        "q2_k_s",
+        "q3_k_s",
+        "q3_k_m",
+        "q3_k_l",
+        "q4_k_s",
+        "q4_k_m",
+        "q5_k_s",
+        "q5_k_m",
+        "q6_k",
+        "iq4_nl",
+        "iq4_xs",
+        "iq3_xxs",
+        "iq3_xs",
+        "iq3_s",
+        "iq3_m",
+        "iq2_m",
     )
 }
 # The names Unsloth users type for the same things.
-ALIASES = {"not_quantized": "f16", "fast_quantized": "q8_0", "quantized": "q4_k_m", "q3_k": "q3_k_m", "q4_k": "q4_k_m",
-           "q5_k": "q5_k_m", "float16": "f16", "float32": "f32", "bfloat16": "bf16"}
+ALIASES = {
+    "not_quantized": "f16",
+    "fast_quantized": "q8_0",
+    "quantized": "q4_k_m",
+    "q3_k": "q3_k_m",
+    "q4_k": "q4_k_m",
+    "q5_k": "q5_k_m",
+    "float16": "f16",
+    "float32": "f32",
+    "bfloat16": "bf16",
+}
 
 _GGUF_EXTRA = 'pip install "fastft[gguf]"'
 
@@ -116,10 +140,10 @@ def _gguf() -> Any:
 def _text_config(model: Any) -> Any:
     config = getattr(model, "config", None)
     if config is None:
-        raise TypeError(f"save_pretrained_gguf expects a transformers model (or a PEFT model); got {type(model).__name__}.")
-    if getattr(config, "model_type", None) not in (None,) and hasattr(config, "text_config") and not hasattr(
-        config, "num_hidden_layers"
-    ):
+        raise TypeError(
+            f"save_pretrained_gguf expects a transformers model (or a PEFT model); got {type(model).__name__}."
+        )
+    if hasattr(config, "text_config") and not hasattr(config, "num_hidden_layers"):
         raise UnsupportedModelError(
             f"{config.model_type} is a multimodal model; GGUF export writes text-only causal LMs. Export its "
             "language model alone (for Gemma-3: Gemma3ForCausalLM) or use llama.cpp's converter with mmproj."
@@ -136,7 +160,7 @@ class _Plan:
         self.model_type, self.arch = architecture_of(self.config)
         check_mergeable(model)
         self.entries = merged_entries(model)
-        shapes = dict((name, shape) for name, shape, _ in self.entries)
+        shapes = {name: shape for name, shape, _ in self.entries}
         embed = next((shape for name, shape in shapes.items() if name.endswith("embed_tokens.weight")), None)
         if embed is None:
             raise UnsupportedModelError(f"{self.model_type}: no embed_tokens.weight in the model's state dict.")
@@ -150,6 +174,12 @@ class _Plan:
             if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
                 continue
             gguf_name = self.name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None and name == "lm_head.weight":
+                raise UnsupportedModelError(
+                    f"{self.model_type}: llama.cpp's {self.arch.gguf_arch} graph always uses the token embedding as "
+                    "its output layer, but this model's lm_head is not tied to it (tie_word_embeddings=False); such "
+                    "a model cannot be written to GGUF."
+                )
             if gguf_name is None:
                 raise UnsupportedModelError(
                     f"{self.model_type}: the tensor {name!r} has no GGUF name in gguf's map for "
@@ -166,8 +196,10 @@ class _Plan:
         data = tensor.detach().to(device="cpu", dtype=torch.float32)
         config, arch = self.config, self.arch
         if arch.permute_qk and (".attn_q." in gguf_name or ".attn_k." in gguf_name):
-            heads = config.num_attention_heads if ".attn_q." in gguf_name else (
-                getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            heads = (
+                config.num_attention_heads
+                if ".attn_q." in gguf_name
+                else (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
             )
             data = data.reshape(heads, 2, data.shape[0] // heads // 2, *data.shape[1:]).transpose(1, 2)
             data = data.reshape(tensor.shape)
@@ -237,11 +269,23 @@ def _write_file(plan: _Plan, path: Path, method: str, name: str, progress: bool)
         layout = []  # (gguf name, computes the array, GGML type, shape)
         if plan.rope_freqs is not None:
             freqs = plan.rope_freqs
-            layout.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", lambda f=freqs: f,
-                           gguf.GGMLQuantizationType.F32, tuple(freqs.shape)))
+            layout.append(
+                (
+                    gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                    lambda f=freqs: f,
+                    gguf.GGMLQuantizationType.F32,
+                    tuple(freqs.shape),
+                )
+            )
         for hf_name, gguf_name, shape, compute in plan.tensors:
-            layout.append((gguf_name, lambda h=hf_name, g=gguf_name, c=compute: plan.transform(h, g, c()),
-                           _tensor_type(gguf, shape, wanted), shape))
+            layout.append(
+                (
+                    gguf_name,
+                    lambda h=hf_name, g=gguf_name, c=compute: plan.transform(h, g, c()),
+                    _tensor_type(gguf, shape, wanted),
+                    shape,
+                )
+            )
         for gguf_name, _, qtype, shape in layout:
             nbytes = gguf.quant_shape_to_byte_shape(shape, qtype)[-1] * int(np.prod(shape[:-1]))
             writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
@@ -386,7 +430,11 @@ def push_to_hub_gguf(
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="fastft-gguf-") as folder:
         paths = save_pretrained_gguf(
-            model, tokenizer, folder, quantization_method, model_name=kwargs.pop("model_name", repo_id.split("/")[-1]),
+            model,
+            tokenizer,
+            folder,
+            quantization_method,
+            model_name=kwargs.pop("model_name", repo_id.split("/")[-1]),
             **kwargs,
         )
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

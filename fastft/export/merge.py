@@ -120,13 +120,17 @@ def merged_entries(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...], C
             prefix = f"modules_to_save.{active[0]}." if active else "original_module."
             if rest.startswith(prefix):
                 entries.append(
-                    (f"{owner}.{rest[len(prefix):]}", _shape_of(tensor), lambda t=tensor, n=name: _plain_weight(t, n))
+                    (f"{owner}.{rest[len(prefix) :]}", _shape_of(tensor), lambda t=tensor, n=name: _plain_weight(t, n))
                 )
         elif rest == "base_layer.weight":
             entries.append((f"{owner}.weight", _shape_of(tensor), lambda m=module, n=name: _lora_weight(m, n)))
         elif rest.startswith("base_layer."):  # a bias or a buffer of the wrapped layer
             entries.append(
-                (f"{owner}.{rest[len('base_layer.'):]}", _shape_of(tensor), lambda t=tensor, n=name: _plain_weight(t, n))
+                (
+                    f"{owner}.{rest[len('base_layer.') :]}",
+                    _shape_of(tensor),
+                    lambda t=tensor, n=name: _plain_weight(t, n),
+                )
             )
         # lora_A / lora_B / lora_embedding_* / lora_dropout: the adapter itself, merged above
     return entries

@@ -19,7 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
+
 _ROLES = ("system", "user", "assistant")
+# What rendering a chat template raises on messages it refuses (raise_exception, a missing key, a bad type).
+_TEMPLATE_ERRORS = (TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError)
 _MARK = "\x00MESSAGE{}\x00"
 
 
@@ -70,13 +74,14 @@ def _derive(tokenizer: Any, with_system: bool) -> ChatFormat | None:
     prefix: dict[str, str] = {}
     for i in range(1, len(messages)):  # between two messages: the first one's suffix, then the next one's prefix
         before = suffix[roles[i - 1]]
-        if not pieces[i].startswith(before) or prefix.setdefault(roles[i], pieces[i][len(before):]) != pieces[i][
-            len(before):
-        ]:
+        if (
+            not pieces[i].startswith(before)
+            or prefix.setdefault(roles[i], pieces[i][len(before) :]) != pieces[i][len(before) :]
+        ):
             return None
     if not full.startswith(suffix[roles[-1]]):
         return None
-    generation = full[len(suffix[roles[-1]]):]
+    generation = full[len(suffix[roles[-1]]) :]
     # before the first message: what the template writes first (a BOS), then the first role's prefix
     first = roles[0]
     bos = getattr(tokenizer, "bos_token", None) or ""
@@ -87,18 +92,22 @@ def _derive(tokenizer: Any, with_system: bool) -> ChatFormat | None:
         start = head[: len(head) - len(prefix[first])]
     else:
         start = bos if bos and head.startswith(bos) else ""
-        prefix[first] = head[len(start):]
+        prefix[first] = head[len(start) :]
     if not with_system:
         prefix["system"], suffix["system"] = prefix["user"], suffix["user"]  # never used: no system turns
     # a default system message: what a conversation without one gets between the start and the first user turn
     default_system = None
     lone = _render(tokenizer, [{"role": "user", "content": _MARK.format(0)}], False).split(_MARK.format(0), 1)[0]
     if with_system and lone != start + prefix["user"]:
-        inner = lone[len(start): len(lone) - len(prefix["user"])]
-        if not (lone.startswith(start) and lone.endswith(prefix["user"]) and inner.startswith(prefix["system"])
-                and inner.endswith(suffix["system"])):
+        inner = lone[len(start) : len(lone) - len(prefix["user"])]
+        if not (
+            lone.startswith(start)
+            and lone.endswith(prefix["user"])
+            and inner.startswith(prefix["system"])
+            and inner.endswith(suffix["system"])
+        ):
             return None
-        default_system = inner[len(prefix["system"]): len(inner) - len(suffix["system"])]
+        default_system = inner[len(prefix["system"]) : len(inner) - len(suffix["system"])]
     return ChatFormat(start, prefix, suffix, generation, default_system)
 
 
@@ -112,8 +121,8 @@ def chat_format(tokenizer: Any) -> ChatFormat | None:
     for with_system in (True, False):
         try:
             fmt = _derive(tokenizer, with_system)
-        except Exception:  # a template that raises on these messages (e.g. no system role): try without
-            continue
+        except _TEMPLATE_ERRORS:  # a template that raises on these messages (e.g. no system role): try without
+            fmt = None
         if fmt is not None and _reproduces(tokenizer, fmt, with_system):
             return fmt
     return None
@@ -124,8 +133,13 @@ def _reproduces(tokenizer: Any, fmt: ChatFormat, with_system: bool) -> bool:
         [{"role": "user", "content": "Hi"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
         [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
-        [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},
-         {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}],
+        [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "u1"},
+            {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "u2"},
+            {"role": "assistant", "content": "a2"},
+        ],
     ]
     for messages in conversations:
         if not with_system and messages[0]["role"] == "system":
@@ -136,7 +150,7 @@ def _reproduces(tokenizer: Any, fmt: ChatFormat, with_system: bool) -> bool:
             try:
                 if _render(tokenizer, messages, generation) != fmt.render(messages, generation):
                     return False
-            except Exception:
+            except _TEMPLATE_ERRORS:
                 return False
     return True
 
@@ -150,17 +164,23 @@ def ollama_template(fmt: ChatFormat, bos_token: str | None = None) -> str:
     """A Go template for Ollama's ``.Messages`` equivalent to ``fmt`` (llama.cpp adds the BOS itself)."""
     start = fmt.start
     if bos_token and start.startswith(bos_token):
-        start = start[len(bos_token):]
+        start = start[len(bos_token) :]
     lit = {k: {r: _go_literal(v) for r, v in getattr(fmt, k).items()} for k in ("prefix", "suffix")}
     parts = [_go_literal(start)]
     if fmt.default_system is not None:
-        parts.append('{{- if not (and .Messages (eq (index .Messages 0).Role "system")) }}'
-                     + lit["prefix"]["system"] + "{{ .System }}" + lit["suffix"]["system"] + "{{ end }}")
+        parts.append(
+            '{{- if not (and .Messages (eq (index .Messages 0).Role "system")) }}'
+            + lit["prefix"]["system"]
+            + "{{ .System }}"
+            + lit["suffix"]["system"]
+            + "{{ end }}"
+        )
     parts.append("{{- range .Messages }}")
     for i, role in enumerate(_ROLES):
         keyword = "if" if i == 0 else "else if"
-        parts.append(f'{{{{- {keyword} eq .Role "{role}" }}}}' + lit["prefix"][role] + "{{ .Content }}"
-                     + lit["suffix"][role])
+        parts.append(
+            f'{{{{- {keyword} eq .Role "{role}" }}}}' + lit["prefix"][role] + "{{ .Content }}" + lit["suffix"][role]
+        )
     parts.append("{{- end }}{{- end }}" + _go_literal(fmt.generation))
     return "".join(parts)
 

@@ -21,8 +21,9 @@ from tests.models.tiny import TEXT_VOCAB, lora_config, tiny_model
 
 
 def _llama(**overrides):
-    return tiny_model("llama", **{**TEXT_VOCAB, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
-                                  **overrides})
+    return tiny_model(
+        "llama", **{**TEXT_VOCAB, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, **overrides}
+    )
 
 
 def test_unknown_method_lists_the_valid_ones(tmp_path):
@@ -114,3 +115,13 @@ def test_merge_equals_peft_with_modules_to_save_and_merged_adapters():
     model.merge_adapter()  # merged in place: the adapter is not added twice
     for name, tensor in merged_state_dict(model).items():
         torch.testing.assert_close(tensor, reference[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_untied_gemma_head_is_refused(tmp_path):
+    from tests.export.tokenizers_local import sentencepiece
+
+    tokenizer = sentencepiece("gemma")
+    model = tiny_model("gemma", vocab_size=len(tokenizer), tie_word_embeddings=False)
+    with pytest.raises(UnsupportedModelError, match="tie_word_embeddings=False"):
+        save_pretrained_gguf(model, tokenizer, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

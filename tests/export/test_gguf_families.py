@@ -92,3 +92,59 @@ def test_family_round_trip(family, tmp_path):
             if family == "gemma3_text" and name.endswith(("q_norm.weight",)):
                 continue  # holds the folded score scale (256 ** -0.5 -> 16 ** -0.5), which the loader keeps
             torch.testing.assert_close(got[name], expected, rtol=0, atol=1e-6, msg=f"{family}: {name}")
+
+
+# Families the coverage run patches beyond families.py, built from fastft's tiny configs: OLMo-2 (post-norms,
+# q/k norms over the whole width), Granite (embedding, attention, residual and logit multipliers, set away from 1
+# so each one counts), SmolLM-3 (no rope on every 4th layer: 4 layers).
+COVERAGE = {
+    "olmo2": {},
+    "granite": {
+        "attention_multiplier": 0.2,
+        "embedding_multiplier": 3.0,
+        "residual_multiplier": 0.5,
+        "logits_scaling": 2.0,
+    },
+    "smollm3": {
+        "num_hidden_layers": 4,
+        "no_rope_layers": [1, 1, 1, 0],
+        "layer_types": ["full_attention"] * 4,
+        "use_sliding_window": False,
+    },
+}
+
+
+@pytest.mark.parametrize("family", sorted(COVERAGE))
+def test_coverage_family_round_trip(family, tmp_path):
+    import transformers
+
+    from fastft.models.tiny_configs import tiny_config
+
+    tokenizer = byte_level()
+    config = tiny_config(family)
+    for key, value in {
+        "vocab_size": len(tokenizer) + 5,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **COVERAGE[family],
+    }.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+    model = peft.get_peft_model(model, lora_config("llama"))
+    paths = save_pretrained_gguf(model, tokenizer, tmp_path, ["f32", "f16"], progress=False)
+    for path, bound in ((paths[0], 2e-5), (paths[1], 2e-2)):
+        llm = load(path)
+        for text in TEXTS:
+            ids = tokenizer(text)["input_ids"]
+            ref = hf_logits(model, ids)
+            err = np.abs(llama_logits(llm, ids) - ref).max()
+            assert err <= bound * np.abs(ref).max(), f"{family} {path}: logits differ by {err:.3e}"
+        ids = tokenizer(TEXTS[0])["input_ids"]
+        assert llama_greedy(llm, ids, 8) == hf_greedy(model, ids, 8), family
+        llm.close()

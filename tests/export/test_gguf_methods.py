@@ -44,10 +44,16 @@ def test_python_quantisations_hold_the_merged_weights(tmp_path):
         llm.close()
         if method == "bf16":
             continue  # transformers' GGUF loader does not dequantise BF16; llama.cpp's logits are checked below
-        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=os.path.basename(path)).state_dict()
+        back = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, gguf_file=os.path.basename(path)
+        ).state_dict()
         for name, tensor in merged.items():
-            if tensor.dim() != 2 or "embed" in name or "lm_head" in name or "self_attn.q_proj" in name or (
-                "self_attn.k_proj" in name
+            if (
+                tensor.dim() != 2
+                or "embed" in name
+                or "lm_head" in name
+                or "self_attn.q_proj" in name
+                or ("self_attn.k_proj" in name)
             ):
                 continue  # q/k rows are permuted back by the loader after dequantisation; compared via logits below
             bound = (STEP[method] + 2**-11) * tensor.abs().amax(dim=1, keepdim=True)
@@ -67,10 +73,15 @@ def test_qlora_base_is_dequantised_and_merged(tmp_path):
     sizes = {"intermediate_size": 128, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}
     base = tiny_model("llama", **TEXT_VOCAB, **sizes)
     base.save_pretrained(tmp_path / "base")
-    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    qmodel = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization,
-                                                               dtype=torch.float32)
+    quantization = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    qmodel = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=quantization, dtype=torch.float32
+    )
     model = peft.get_peft_model(qmodel, lora_config("llama"))
     tokenizer = byte_level()
     paths = save_pretrained_gguf(model, tokenizer, tmp_path / "out", "f32", progress=False)
@@ -109,11 +120,47 @@ def test_push_to_hub_uploads_the_export(monkeypatch):
             calls.append(("upload", repo_id, sorted(os.listdir(folder_path)), commit_message))
 
     monkeypatch.setattr(huggingface_hub, "HfApi", Recorder)
-    names = push_to_hub_gguf(_model(), byte_level(), "me/tiny-GGUF", "q8_0", token="hf_x", private=True,
-                             progress=False)
+    names = push_to_hub_gguf(_model(), byte_level(), "me/tiny-GGUF", "q8_0", token="hf_x", private=True, progress=False)
     assert names == ["tiny-GGUF.Q8_0.gguf", "Modelfile"]
     assert calls == [
         ("token", "hf_x"),
         ("create_repo", "me/tiny-GGUF", True),
         ("upload", "me/tiny-GGUF", ["Modelfile", "tiny-GGUF.Q8_0.gguf"], "Upload GGUF export (fastft)"),
     ]
+
+
+def test_llama_cpp_quantisation_alone_leaves_only_its_file(tmp_path):
+    pytest.importorskip("llama_cpp")
+    model, tokenizer = _model(), byte_level()
+    paths = save_pretrained_gguf(model, tokenizer, tmp_path / "out", ["q4_k_m", "q6_k"], progress=False)
+    # the f16 input of llama.cpp's quantiser was written to a scratch folder and removed
+    assert sorted(os.listdir(tmp_path / "out")) == ["Modelfile", "out.Q4_K_M.gguf", "out.Q6_K.gguf"]
+    ids = tokenizer("What is 17 + 25? Answer: 42.")["input_ids"]
+    ref = hf_logits(model, ids)
+    for path, file_type, least in zip(paths[:2], ("MOSTLY_Q4_K_M", "MOSTLY_Q6_K"), (0.95, 0.99)):
+        import gguf
+
+        assert gguf.GGUFReader(path).fields["general.file_type"].contents() == gguf.LlamaFileType[file_type]
+        llm = load(path)
+        got = llama_logits(llm, ids)
+        llm.close()
+        # tiny rows (64 values) are below the k-quants' 256-value blocks, so llama.cpp falls back to 4/5/8-bit block
+        # types, and random weights give flat logits: the check is their correlation with transformers' (measured
+        # q4_k_m 0.984, q6_k 0.999)
+        correlation = np.corrcoef(got.ravel(), ref.ravel())[0, 1]
+        print(f"{file_type}: correlation {correlation:.4f}")
+        assert correlation >= least, (file_type, correlation)
+
+
+def test_patched_model_exports_the_same_file(tmp_path):
+    """fastft's patching swaps forwards, never weights: the export of a patched model is byte-identical."""
+    import copy
+
+    from fastft.models.patch import patch
+
+    plain = _model()
+    patched = patch(copy.deepcopy(plain))
+    first = save_pretrained_gguf(plain, byte_level(), tmp_path / "a", "f16", model_name="m", progress=False)[0]
+    second = save_pretrained_gguf(patched, byte_level(), tmp_path / "b", "f16", model_name="m", progress=False)[0]
+    with open(first, "rb") as a, open(second, "rb") as b:
+        assert a.read() == b.read()

@@ -22,14 +22,15 @@ def byte_level():
     return default_tokenizer()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained(vocab_size: int) -> tuple[dict, list]:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", *BYTES],
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", *BYTES], show_progress=False
+    )
     text = [e["prompt"] + " " + e["response"] for e in default_examples()]
     backend.train_from_iterator(text, trainer)
     model = json.loads(backend.to_str())["model"]
@@ -53,19 +54,38 @@ def sentencepiece(kind: str = "llama", vocab_size: int = 600):
 
     vocab, merges = _trained(vocab_size)
     if kind == "gemma":
-        tokenizer = GemmaTokenizer(vocab=dict(vocab), merges=list(merges), unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", pad_token="<unk>")
+        tokenizer = GemmaTokenizer(
+            vocab=dict(vocab),
+            merges=list(merges),
+            unk_token="<unk>",
+            bos_token="<s>",
+            eos_token="</s>",
+            pad_token="<unk>",
+            add_bos_token=True,
+        )
         tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
         tokenizer.chat_template = GEMMA
     else:
-        tokenizer = LlamaTokenizer(vocab=dict(vocab), merges=list(merges), unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
-        extra = ["<|end|>", "<|user|>", "<|assistant|>", "<|system|>"] if kind == "phi3" else ["<|im_start|>", "<|im_end|>"]
+        tokenizer = LlamaTokenizer(
+            vocab=dict(vocab),
+            merges=list(merges),
+            unk_token="<unk>",
+            bos_token="<s>",
+            eos_token="</s>",
+            add_bos_token=kind == "llama",  # Llama-2 and Mistral add BOS, Phi-3 does not
+        )
+        extra = (
+            ["<|end|>", "<|user|>", "<|assistant|>", "<|system|>"] if kind == "phi3" else ["<|im_start|>", "<|im_end|>"]
+        )
         tokenizer.add_special_tokens({"additional_special_tokens": extra})
         if kind == "phi3":  # Phi-3 pads with <|endoftext|>
             tokenizer.add_special_tokens({"pad_token": "<|endoftext|>"})
-        tokenizer.chat_template = CHATML if kind == "llama" else (
-            "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-            "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+        tokenizer.chat_template = (
+            CHATML
+            if kind == "llama"
+            else (
+                "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+            )
         )
     return tokenizer
