@@ -200,10 +200,9 @@ def _patch_layer_norm(module: nn.Module, walk: _Walk) -> None:
 def _input_width(module: nn.Module, name: str | None, walk: _Walk) -> int | None:
     """The input width of an MLP: its first projection's (a vision tower's MLP is narrower than the text model's),
     else the walk's hidden size."""
-    weight = getattr(getattr(module, name, None), "weight", None) if name else None
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and not weight.is_meta:
-        return weight.shape[1]
-    return walk.hidden_size
+    projection = getattr(module, name, None) if name else None
+    width = getattr(projection, "in_features", None)  # nn.Linear, PEFT's and bitsandbytes' layers (packed weights)
+    return width if isinstance(width, int) and width > 0 else walk.hidden_size
 
 
 def _patch_mlp(module: nn.Module, layout: object, walk: _Walk) -> None:
