@@ -218,6 +218,18 @@ def benches(device: torch.device, tokens: int | None = None) -> list[KernelBench
             bwd_case="activation_backward[relu2]",
         ),
         KernelBench(
+            name="activation:quick_gelu",
+            tokens=s.tokens,
+            module="activation",
+            build=functools.partial(on, builder=shapes.ungated_mlp_inputs),
+            args=("x",),
+            shape=f"u ({s.tokens}, {s.intermediate}) bf16, u sigmoid(1.702 u) (CLIP / Qwen2-VL vision MLPs); "
+            "no Liger equivalent",
+            kwargs={"activation": "quick_gelu"},
+            fwd_case="activation_forward[quick_gelu]",
+            bwd_case="activation_backward[quick_gelu]",
+        ),
+        KernelBench(
             name="cross_entropy:llama3",
             tokens=s.tokens,
             module="cross_entropy",

@@ -205,10 +205,9 @@ def _patch_layer_norm(module: nn.Module, walk: _Walk) -> None:
 def _input_width(module: nn.Module, name: str | None, walk: _Walk) -> int | None:
     """The input width of an MLP: its first projection's (a vision tower's MLP is narrower than the text model's),
     else the walk's hidden size."""
-    weight = getattr(getattr(module, name, None), "weight", None) if name else None
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and not weight.is_meta:
-        return weight.shape[1]
-    return walk.hidden_size
+    projection = getattr(module, name, None) if name else None
+    width = getattr(projection, "in_features", None)  # nn.Linear, PEFT's and bitsandbytes' layers (packed weights)
+    return width if isinstance(width, int) and width > 0 else walk.hidden_size
 
 
 def _patch_mlp(module: nn.Module, layout: object, walk: _Walk) -> None:
@@ -435,23 +434,17 @@ def other_towers(root: nn.Module, walk_root: nn.Module) -> list[nn.Module]:
 def _patch_towers(root: nn.Module, walk_root: nn.Module, walk: _Walk) -> None:
     """Walk the vision (and audio) towers of a composite model with the same recognisers and probes as the
     language model, with the tower's own config; counted and reported in ``report.vision``."""
-    towers = [t for t in other_towers(root, walk_root) if any(True for _ in t.parameters())]
-    towers = (
-        [t for t in towers if t is not root.get_output_embeddings()]
-        if hasattr(root, "get_output_embeddings")
-        else towers
-    )
+    get_head = getattr(root, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    towers = [
+        t for t in other_towers(root, walk_root) if t is not head and next(t.parameters(), None) is not None
+    ]  # fmt: skip
     if not towers:
         return
-    config = root.config
-    vision_config = getattr(config, "vision_config", None) or config
+    vision_config = getattr(root.config, "vision_config", None) or root.config
+    # Qwen2-VL's vision config: embed_dim is the tower's width, hidden_size the projector's output
     width = next(
-        (
-            getattr(vision_config, a)
-            for a in ("embed_dim", "hidden_size")
-            if isinstance(getattr(vision_config, a, None), int)
-        ),
-        None,
+        (w for a in ("embed_dim", "hidden_size") if isinstance(w := getattr(vision_config, a, None), int)), None
     )
     report = PatchReport(f"{walk.report.model_type} vision")
     vision = _Walk(report=report, hidden_size=width, text=vision_config, norm_offset=0.0, dtype=walk.dtype,
