@@ -161,7 +161,10 @@ def _go_literal(text: str) -> str:
 
 
 def ollama_template(fmt: ChatFormat, bos_token: str | None = None) -> str:
-    """A Go template for Ollama's ``.Messages`` equivalent to ``fmt`` (llama.cpp adds the BOS itself)."""
+    """A Go template for Ollama's ``.Messages`` equivalent to ``fmt`` (llama.cpp adds the BOS itself).
+
+    No action trims whitespace (``{{-``): the literal pieces are exact, their newlines included.
+    """
     start = fmt.start
     if bos_token and start.startswith(bos_token):
         start = start[len(bos_token) :]
@@ -169,19 +172,19 @@ def ollama_template(fmt: ChatFormat, bos_token: str | None = None) -> str:
     parts = [_go_literal(start)]
     if fmt.default_system is not None:
         parts.append(
-            '{{- if not (and .Messages (eq (index .Messages 0).Role "system")) }}'
+            '{{ if not (and .Messages (eq (index .Messages 0).Role "system")) }}'
             + lit["prefix"]["system"]
             + "{{ .System }}"
             + lit["suffix"]["system"]
             + "{{ end }}"
         )
-    parts.append("{{- range .Messages }}")
+    parts.append("{{ range .Messages }}")
     for i, role in enumerate(_ROLES):
         keyword = "if" if i == 0 else "else if"
         parts.append(
-            f'{{{{- {keyword} eq .Role "{role}" }}}}' + lit["prefix"][role] + "{{ .Content }}" + lit["suffix"][role]
+            f'{{{{ {keyword} eq .Role "{role}" }}}}' + lit["prefix"][role] + "{{ .Content }}" + lit["suffix"][role]
         )
-    parts.append("{{- end }}{{- end }}" + _go_literal(fmt.generation))
+    parts.append("{{ end }}{{ end }}" + _go_literal(fmt.generation))
     return "".join(parts)
 
 

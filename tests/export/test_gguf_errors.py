@@ -102,7 +102,9 @@ def test_dora_is_refused_with_the_way_out(tmp_path):
 
 def test_merge_equals_peft_with_modules_to_save_and_merged_adapters():
     base = _llama()
-    model = peft.get_peft_model(base, lora_config("llama", modules_to_save=["lm_head"]))
+    config = lora_config("llama", modules_to_save=["lm_head"])
+    config.target_modules = {*config.target_modules, "embed_tokens"}  # an Embedding LoRA too
+    model = peft.get_peft_model(base, config)
     with torch.no_grad():
         model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
     ours = merged_state_dict(model)

@@ -72,9 +72,86 @@ def test_modelfile_for_chatml(tmp_path):
         'PARAMETER stop """<|im_end|>"""\n'
     )
     assert template == (
-        '{{- range .Messages }}{{- if eq .Role "system" }}<|im_start|>system\n{{ .Content }}<|im_end|>\n'
-        '{{- else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
-        '{{- else if eq .Role "assistant" }}<|im_start|>assistant\n{{ .Content }}<|im_end|>\n'
-        "{{- end }}{{- end }}<|im_start|>assistant\n"
+        '{{ range .Messages }}{{ if eq .Role "system" }}<|im_start|>system\n{{ .Content }}<|im_end|>\n'
+        '{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
+        '{{ else if eq .Role "assistant" }}<|im_start|>assistant\n{{ .Content }}<|im_end|>\n'
+        "{{ end }}{{ end }}<|im_start|>assistant\n"
     )
     assert stop_tokens(tokenizer, fmt) == ["<|eot_id|>", "<|im_end|>"]
+
+
+def _go_parse(tokens: list[str], i: int = 0) -> tuple[list, int, str | None]:
+    """Parse the Go-template subset ``ollama_template`` emits into (nodes, next index, terminating action)."""
+    nodes: list = []
+    while i < len(tokens):
+        token, i = tokens[i], i + 1
+        if not token.startswith("{{"):
+            nodes.append(("text", token))
+            continue
+        action = token[2:-2].strip()
+        if action == "end" or action.startswith("else if "):
+            return nodes, i, action
+        if action == "range .Messages":
+            body, i, end = _go_parse(tokens, i)
+            assert end == "end"
+            nodes.append(("range", body))
+        elif action.startswith("if "):
+            branches, condition = [], action[3:]
+            while True:
+                body, i, end = _go_parse(tokens, i)
+                branches.append((condition, body))
+                if end == "end":
+                    break
+                condition = end[len("else if ") :]
+            nodes.append(("if", branches))
+        else:
+            assert action in (".Content", ".System"), action
+            nodes.append(("var", action))
+    return nodes, i, None
+
+
+def _go_eval(nodes: list, messages: list[dict[str, str]], system: str, message: dict | None = None) -> str:
+    out = []
+    for kind, value in nodes:
+        if kind == "text":
+            out.append(value)
+        elif kind == "var":
+            out.append(message["content"] if value == ".Content" else system)
+        elif kind == "range":
+            out.extend(_go_eval(value, messages, system, m) for m in messages)
+        else:
+            for condition, body in value:
+                if condition.startswith("eq .Role"):
+                    holds = message["role"] == condition.split('"')[1]
+                else:
+                    assert condition == 'not (and .Messages (eq (index .Messages 0).Role "system"))', condition
+                    holds = not (messages and messages[0]["role"] == "system")
+                if holds:
+                    out.append(_go_eval(body, messages, system, message))
+                    break
+    return "".join(out)
+
+
+@pytest.mark.parametrize("name", ["llama3", "chatml", "smollm", "gemma"])
+def test_ollama_template_renders_as_the_chat_template(name):
+    """The Go template, evaluated with Go's rules (text verbatim, no trimming), gives what the Jinja template gives
+    after the BOS that llama.cpp adds itself (and with the default system prompt Ollama passes as .System)."""
+    import re
+
+    if name == "llama3":
+        tokenizer = byte_level()
+    elif name == "gemma":
+        tokenizer = sentencepiece("gemma")
+    else:
+        tokenizer = _with_template(CHATML if name == "chatml" else SMOLLM)
+    fmt = chat_format(tokenizer)
+    nodes, _, end = _go_parse(re.split(r"(\{\{.*?\}\})", ollama_template(fmt, tokenizer.bos_token)))
+    assert end is None
+    for n in range(1, len(CONVERSATION) + 1):
+        messages = CONVERSATION[:n] if n > 1 else CONVERSATION[1:2]
+        if name == "gemma" and messages[0]["role"] == "system":
+            continue  # Gemma's template has no system turn
+        expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if tokenizer.bos_token and expected.startswith(tokenizer.bos_token):
+            expected = expected[len(tokenizer.bos_token) :]
+        assert _go_eval(nodes, messages, fmt.default_system or "") == expected, (name, messages)
