@@ -54,23 +54,19 @@ def test_one_moe_layer_saves_at_most_half_of_transformers(model_type, modes):
         # What one layer keeps is listed: the hidden states, the routing, nothing (tokens x top-k x width)-sized.
         hidden = tiny_config(model_type).hidden_size
         assert ours["layer_saved_tensors"] and all(
-            t["shape"][-1] in (hidden, 2, 4, tiny_config(model_type).num_experts_per_tok)
-            or len(t["shape"]) == 1
+            t["shape"][-1] in (hidden, 2, 4, tiny_config(model_type).num_experts_per_tok) or len(t["shape"]) == 1
             for t in ours["layer_saved_tensors"]
         ), ours["layer_saved_tensors"]
 
 
 def test_presets_have_the_published_expert_dimensions():
     qwen = preset_config("qwen3-30b-a3b", 2)
-    assert (qwen.num_experts, qwen.num_experts_per_tok, qwen.moe_intermediate_size, qwen.hidden_size) == (
-        128,
-        8,
-        768,
-        2048,
-    )
+    dims = (qwen.num_experts, qwen.num_experts_per_tok, qwen.moe_intermediate_size, qwen.hidden_size)
+    assert dims == (128, 8, 768, 2048)
     assert qwen.num_hidden_layers == 2 and moe.is_moe(qwen)
     oss = preset_config("gpt-oss-20b", 2)
-    assert (oss.num_local_experts, oss.num_experts_per_tok, oss.intermediate_size, oss.swiglu_limit) == (32, 4, 2880, 7.0)
+    dims = (oss.num_local_experts, oss.num_experts_per_tok, oss.intermediate_size, oss.swiglu_limit)
+    assert dims == (32, 4, 2880, 7.0)
     assert oss.layer_types == ["sliding_attention", "full_attention"] and moe.is_moe(oss)
     assert not moe.is_moe(preset_config("llama3-8b", 1))
 
