@@ -377,3 +377,34 @@ def test_router_aux_loss_is_unchanged(model_type, coef):
     aux_p, aux_f = plain(**inputs).aux_loss, fast(**inputs).aux_loss
     _assert_close("aux_loss", aux_f.detach(), aux_p.detach())
     _compare(plain, fast, inputs)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_bf16_experts_are_no_worse_than_transformers_against_float64(model_type):
+    """bf16 experts: fastft's output and every gradient (input, router weights, expert weights) are as close to the
+    float64 formula as transformers' own eager experts in bf16 (the numerical contract for low precision); the
+    factor 1.5 leaves room for a different but equally good rounding order."""
+    module = _patched_experts(model_type)
+    experts = fexperts.read_weight(module, fexperts._up_name(module)).base.shape[0]
+    hidden = module.down_proj.shape[-1] if getattr(module, "is_transposed", False) else module.down_proj.shape[1]
+    gen = torch.Generator().manual_seed(11)
+    index = torch.stack([torch.randperm(experts, generator=gen)[:2] for _ in range(48)])
+    x64 = torch.randn(48, hidden, generator=gen, dtype=torch.float64)
+    w64 = torch.rand(index.shape, generator=gen, dtype=torch.float64)
+    eager = fexperts._eager_forward(type(module))
+
+    def run(dtype, forward):
+        m = copy.deepcopy(module).to(dtype)
+        x, w = x64.to(dtype).requires_grad_(), w64.to(dtype).requires_grad_()
+        y = forward(m, x, index, w)
+        params = [p for p in m.parameters()]
+        grads = torch.autograd.grad(y.float().square().sum(), [x, w, *params])
+        return [y.detach().double(), *(g.double() for g in grads)]
+
+    exact = run(torch.float64, eager)
+    plain = run(torch.bfloat16, eager)
+    ours = run(torch.bfloat16, lambda m, x, i, w: m(x, i, w))
+    for k, (e, p, o) in enumerate(zip(exact, plain, ours)):
+        scale = e.abs().max().clamp_min(1e-12)
+        err_plain, err_ours = ((p - e).abs().max() / scale).item(), ((o - e).abs().max() / scale).item()
+        assert err_ours <= 1.5 * err_plain + 1e-3, (k, err_ours, err_plain)
