@@ -99,7 +99,8 @@ def _perturb_norms(model) -> None:
 
 
 def _deterministic(config) -> None:
-    """Dropout off everywhere (the three runs must see the same function), on the config and its sub-configs."""
+    """Dropout and random hashing off everywhere (the three runs must see the same function), on the config and its
+    sub-configs."""
     for part in [config, *(getattr(config, key, None) for key in getattr(config, "sub_configs", {}) or {})]:
         if part is None or not hasattr(part, "to_dict"):
             continue
@@ -109,6 +110,8 @@ def _deterministic(config) -> None:
                 setattr(part, name, 0.0)
         if getattr(part, "attention_type", None) == "block_sparse":  # BigBird's random blocks: full attention
             part.attention_type = "original_full"
+        if hasattr(part, "hash_seed") and part.hash_seed is None:  # Reformer's LSH rotations: seeded per forward
+            part.hash_seed = 0  # (its layers reseed from torch.seed(), which no manual_seed can fix)
 
 
 def _step(model, inputs):
