@@ -76,6 +76,7 @@ from fastft.kernels.swiglu import (
 Activation = Literal["swiglu", "geglu_tanh", "geglu"]
 _ACTIVATIONS = ("swiglu", "geglu_tanh", "geglu")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_LORA_BACKWARD_ROWS = 1024  # rows per block of the LoRA backward's x-sized GEMMs (dA, the LoRA part of dx)
 
 
 class QuantizedWeight(Protocol):
@@ -267,17 +268,30 @@ def _group_backward(x2, specs, saved, grads, need_x: bool, needs, dtype: torch.d
         results.append([grad_w, grad_bias, None, grad_lora_b])
     # dA = gBs^T u and the LoRA part of dx = gBs A (through the mask with dropout).
     lora = [i for i, spec in enumerate(specs) if gbs[i] is not None]
-    x_lora = x2.to(gbs[lora[0]].dtype) if lora and any(needs[i][2] for i in lora) else None
+    dropped = [i for i in lora if specs[i].dropout and needs[i][2]]
+    x_lora = x2.to(gbs[dropped[0]].dtype) if dropped else None
     plain = [i for i in lora if not specs[i].dropout]
     if plain:  # adapters that read x itself: one GEMM pair for all of them, as in the forward
         gbs_cat = torch.cat([gbs[i] for i in plain], dim=1) if len(plain) > 1 else gbs[plain[0]]
-        if x_lora is not None:
-            blocks = torch.mm(gbs_cat.t(), x_lora).split([specs[i].rank for i in plain])
-            for i, grad_a in zip(plain, blocks, strict=True):
-                results[i][2] = grad_a if needs[i][2] else None
+        need_a = any(needs[i][2] for i in plain)
+        a_cat = None
         if need_x:
             a_cat = torch.cat([saved[5 * i + 1] for i in plain]) if len(plain) > 1 else saved[5 * plain[0] + 1]
-            _add_product(dx, gbs_cat, a_cat)
+        # Blocks of rows: the adapter-dtype (fp32) copy of x for dA and the fp32 LoRA part of dx exist for one
+        # block at a time, not for the whole sequence (dA sums the blocks in fp32).
+        grad_a_cat = None
+        for lo in range(0, gbs_cat.shape[0], _LORA_BACKWARD_ROWS):
+            rows = slice(lo, lo + _LORA_BACKWARD_ROWS)
+            if need_a:
+                part = torch.mm(gbs_cat[rows].t(), x2[rows].to(gbs_cat.dtype))
+                grad_a_cat = part if grad_a_cat is None else grad_a_cat.add_(part)
+            if a_cat is not None:
+                _add_product(dx[rows], gbs_cat[rows], a_cat)
+        if need_a and grad_a_cat is None:  # no rows: dA is zero
+            grad_a_cat = gbs_cat.new_zeros(gbs_cat.shape[1], x2.shape[1])
+        if grad_a_cat is not None:
+            for i, grad_a in zip(plain, grad_a_cat.split([specs[i].rank for i in plain]), strict=True):
+                results[i][2] = grad_a if needs[i][2] else None
     for i in lora:
         if specs[i].dropout:
             a, mask, p = saved[5 * i + 1], saved[5 * i + 4], specs[i].dropout
