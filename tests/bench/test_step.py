@@ -147,7 +147,13 @@ def test_quantize_4bit_replaces_the_projections():
 
 # Parameter counts of the published checkpoints (their model cards / safetensors index): the dimensions are right
 # when a model built from the preset, on the meta device, has exactly as many.
-PUBLISHED_PARAMETERS = {"llama3-8b": 8_030_261_248, "qwen3-8b": 8_190_735_360, "gemma2-9b": 9_241_705_984}
+PUBLISHED_PARAMETERS = {
+    "llama3-8b": 8_030_261_248,
+    "qwen3-8b": 8_190_735_360,
+    "gemma2-9b": 9_241_705_984,
+    "qwen3-30b-a3b": 30_532_122_624,  # 30.5B total, 3.3B active
+    "gpt-oss-20b": 20_914_757_184,  # 20.91B total (OpenAI's gpt-oss model card, table 1), 3.6B active
+}
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -173,6 +179,7 @@ def test_preset_family_trains_scaled_down(name):
             "num_key_value_heads": 2,
             "head_dim": 16,
             "vocab_size": 256,
+            "pad_token_id": None,  # gpt-oss's 199999 is outside the tiny vocabulary
         }
     )
     losses = {}

@@ -117,14 +117,15 @@ def test_a_norm_called_with_an_argument_the_probe_did_not_see_runs_its_own_forwa
 
 
 def test_composite_roots_patch_their_language_model_only():
-    """Gemma 3 checkpoints of 4B and up are multimodal: their root config has no hidden_size."""
+    """Gemma 3 checkpoints of 4B and up are multimodal: their root config has no hidden_size. The language model is
+    patched with the text config and counted in the report; the vision tower is walked apart (``report.vision``)."""
     plain, fast = _patched_twin("gemma3")
     report = fast.fastft_report
     assert report.norms and report.mlps and report.attentions and report.fused_loss
-    tower = fast.model.vision_tower
-    assert not any(
-        isinstance(m, (layers.FastRMSNorm, layers.FastGatedMLP, layers.FastAttention)) for m in tower.modules()
-    )
+    language = fast.model.language_model
+    assert report.attentions == sum(isinstance(m, layers.FastAttention) for m in language.modules())
+    assert report.mlps == sum(isinstance(m, layers.FastGatedMLP) for m in language.modules())
+    assert report.vision is not None
     _same_step(plain, fast)
 
 
