@@ -76,7 +76,11 @@ from fastft.kernels.swiglu import (
 Activation = Literal["swiglu", "geglu_tanh", "geglu"]
 _ACTIVATIONS = ("swiglu", "geglu_tanh", "geglu")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_LORA_BACKWARD_ROWS = 1024  # rows per block of the LoRA backward's x-sized GEMMs (dA, the LoRA part of dx)
+# Rows per block of the LoRA parts' x-sized fp32 work when the adapters' dtype differs from x's (fp32 adapters on a
+# bf16 model): the copy of x in the adapter dtype and the fp32 product s xa B^T in forward, dA and the LoRA part of
+# dx in backward. Blocked, none of them exists for the whole sequence (a fixed 1024-row transient instead of a
+# tokens-sized one); each row's values are those of the unblocked GEMM.
+_LORA_BACKWARD_ROWS = 1024
 
 
 class QuantizedWeight(Protocol):
@@ -181,8 +185,10 @@ def _add_product(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> 
     to the low-precision out, which computes the sum in fp32 and rounds it once."""
     if left.dtype == out.dtype:
         out.addmm_(left, right)
-    else:
-        out.add_(torch.mm(left, right))
+    else:  # in row blocks: the fp32 product (and add_'s fp32 copies of out) never exist for all rows
+        for lo in range(0, out.shape[0], _LORA_BACKWARD_ROWS):
+            rows = slice(lo, lo + _LORA_BACKWARD_ROWS)
+            out[rows].add_(torch.mm(left[rows], right))
 
 
 def _apply_mask(t: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
@@ -201,14 +207,22 @@ def _group_forward(x2: torch.Tensor, specs: Sequence[_Spec], params: Sequence[tu
     lora = [i for i, spec in enumerate(specs) if spec.rank]
     if not lora:
         return outs, scaled_xa, masks
-    x_lora = x2.to(params[lora[0]][2].dtype)  # PEFT's cast of x to the adapter dtype (a copy only if it differs)
-    # Adapters without dropout read x itself: one GEMM against [A_1; A_2; ...] reads x once for all of them.
+    lora_dtype = params[lora[0]][2].dtype  # PEFT casts x to the adapter dtype (a copy only if it differs)
+    # Adapters without dropout read x itself: one GEMM against [A_1; A_2; ...] reads x once for all of them; with
+    # another dtype, x is cast one block of rows at a time (no whole-sequence copy of x in the adapter dtype).
     plain = [i for i in lora if not specs[i].dropout]
     if plain:
         a_cat = torch.cat([params[i][2] for i in plain]) if len(plain) > 1 else params[plain[0]][2]
-        xa = torch.mm(x_lora, a_cat.t())
+        if x2.dtype == lora_dtype:
+            xa = torch.mm(x2, a_cat.t())
+        else:
+            xa = x2.new_empty(x2.shape[0], a_cat.shape[0], dtype=lora_dtype)
+            for lo in range(0, x2.shape[0], _LORA_BACKWARD_ROWS):
+                rows = slice(lo, lo + _LORA_BACKWARD_ROWS)
+                torch.mm(x2[rows].to(lora_dtype), a_cat.t(), out=xa[rows])
         for i, block in zip(plain, xa.split([specs[i].rank for i in plain], dim=1), strict=True):
             scaled_xa[i] = block.mul_(specs[i].scaling)
+    x_lora = x2.to(lora_dtype) if any(specs[i].dropout for i in lora) else None  # dropout masks all of x
     for i in lora:  # masks drawn in projection order, as PEFT's modules draw them
         if specs[i].dropout:
             u, masks[i] = torch.native_dropout(x_lora, specs[i].dropout, True)
@@ -257,12 +271,28 @@ def _group_backward(x2, specs, saved, grads, need_x: bool, needs, dtype: torch.d
             if grad_bias is not None:
                 torch.sum(g, dim=0, out=grad_bias[r])
             if spec.rank and (need_x or need_a or need_bb):
-                g_lora = g.to((sxa if b is None else b).dtype)  # upcast one block at a time (fp32 adapters)
-                if need_x or need_a:
-                    gbs[i] = torch.mm(g_lora, b[r]) if gbs[i] is None else gbs[i].addmm_(g_lora, b[r])
-                if grad_lora_b is not None:
-                    torch.mm(g_lora.t(), sxa, out=grad_lora_b[r])  # s g^T xa
-                del g_lora
+                # Upcast g (fp32 adapters) one block of rows at a time: no fp32 copy of the whole output gradient.
+                lora_dtype = (sxa if b is None else b).dtype
+                step = g.shape[0] if g.dtype == lora_dtype else _LORA_BACKWARD_ROWS
+                first_piece = gbs[i] is None
+                if first_piece and (need_x or need_a):
+                    gbs[i] = g.new_empty(g.shape[0], spec.rank, dtype=lora_dtype)
+                for lo in range(0, g.shape[0], max(step, 1)):
+                    block = slice(lo, lo + step)
+                    g_lora = g[block].to(lora_dtype)
+                    if need_x or need_a:
+                        if first_piece:
+                            torch.mm(g_lora, b[r], out=gbs[i][block])
+                        else:
+                            gbs[i][block].addmm_(g_lora, b[r])
+                    if grad_lora_b is not None:  # s g^T xa, summed over the blocks
+                        if lo == 0:
+                            torch.mm(g_lora.t(), sxa[block], out=grad_lora_b[r])
+                        else:
+                            grad_lora_b[r].addmm_(g_lora.t(), sxa[block])
+                    del g_lora
+                if grad_lora_b is not None and g.shape[0] == 0:
+                    grad_lora_b[r].zero_()
         if gbs[i] is not None:
             gbs[i].mul_(spec.scaling)
         results.append([grad_w, grad_bias, None, grad_lora_b])

@@ -642,3 +642,53 @@ def test_errors_name_the_problem():
 def test_no_audit_cases():
     """The module launches no Triton kernel of its own (GEMMs are cuBLAS, activations are swiglu/geglu's)."""
     assert audit_cases() == []
+
+
+class _Float32Rows(TorchDispatchMode):
+    """Records the shape of every new fp32 tensor an op returns (views of its inputs are not allocations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = [*args, *(kwargs or {}).values()]
+        inputs = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.untyped_storage().data_ptr() not in inputs:
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("fn", ["qkv", "mlp"])
+def test_fp32_adapter_work_in_row_blocks(monkeypatch, fn):
+    """fp32 adapters on a bf16 base: the x-sized fp32 work (x cast to fp32, the product s xa B^T, dA, the LoRA part
+    of dx) runs in blocks of ``_LORA_BACKWARD_ROWS`` rows, in forward and backward, so no fp32 tensor with a row
+    per token and more columns than the ranks exists (the long-context peak), and the results are those of one
+    block of all rows: bitwise for the bf16 outputs and dx (each row is the same GEMM row; add_ rounds once),
+    1e-6 relative for the fp32 adapter gradients (dA sums its blocks in another order)."""
+    import sys
+
+    lora_module = sys.modules["fastft.kernels.lora"]
+    gen = torch.Generator().manual_seed(12)
+    n_rows, n_in, rank = 22, 32, 4  # 22 rows: blocks of 8, 8 and a tail of 6
+    if fn == "qkv":
+        projs = [make_proj(gen, n, n_in, rank, "bf16+fp32", train=("lora_A", "lora_B")) for n in (32, 16, 16)]
+        call = _qkv
+    else:
+        projs = list(make_mlp(gen, n_in, 40, rank, "bf16+fp32", train=("lora_A", "lora_B")))
+        call = _mlp_fn("swiglu", False)
+    x = make_x(gen, (n_rows,), n_in, torch.bfloat16, "contiguous")
+    dy = rand(gen, n_rows * (64 if fn == "qkv" else n_in))
+    whole = run(call, x, projs, dy)
+    monkeypatch.setattr(lora_module, "_LORA_BACKWARD_ROWS", 8)
+    with _Float32Rows() as mode:
+        blocked = run(call, x, projs, dy)
+    wide = {s for s in mode.shapes if len(s) == 2 and s[0] == n_rows and s[1] > 3 * rank}
+    assert not wide, f"fp32 (tokens x width) tensors allocated: {sorted(wide)}"
+    for name, value in whole.items():
+        if value.dtype == torch.float32:
+            assert torch.allclose(blocked[name], value, rtol=1e-6, atol=1e-6 * value.abs().max().item()), name
+        else:
+            assert torch.equal(blocked[name], value), name
