@@ -37,8 +37,8 @@ parameter's dtype; AdamW keeps two states of the parameter's dtype plus one fp32
 - fastft: each RMSNorm keeps its input (``b N H``) and fp32 inverse rms; the fused LoRA Functions keep each
   group's input once (``b N H`` for q/k/v, ``b N H`` for the MLP; o_proj's input is the attention output
   already kept), ``s xa`` (``4 N r``) per adapter, and the MLP's gate and up (``2 b N I``; never act(gate), h, or
-  fp32 copies). The fused loss keeps the finished ``dL/dh`` of the rows with a label (``b N H``) and their index,
-  never logits.
+  fp32 copies). The fused loss keeps the finished ``dL/dh`` of the rows with a label (``b N H``) and their index (none
+  for one sequence, whose live rows are one slice), never logits.
 
 The first layer's input norm keeps nothing when the embeddings are frozen (no gradient flows into its input).
 ``checkpointing="standard"`` keeps one ``b N H`` input per layer and recomputes one layer at a time in backward
@@ -414,9 +414,10 @@ def _activations(dims, side, method, targets, rank, mode, n, seq, b) -> tuple[in
     if side == "fastft":
         final = b * n * h + 4 * n  # final norm: input and inverse rms
         # The fused loss drops the rows without a next token (one per sequence) first and keeps the live rows'
-        # finished dL/dh and their int64 row index (the head's dW, when trained, is a gradient: counted there).
+        # finished dL/dh and, unless they are one run (a single sequence: a slice), their int64 row index (the
+        # head's dW, when trained, is a gradient: counted there).
         live = n - n // seq
-        head = b * live * h + 8 * live
+        head = b * live * h + (8 * live if n // seq > 1 else 0)
     else:
         final = 4 * n * h + 4 * n + (2 * b * n * h if method == "full" else 0)
         # fp32 log-probs, the int64 shifted labels (a view of the padded (1, T + 1) labels for one row, else a copy)

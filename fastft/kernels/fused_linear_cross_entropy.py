@@ -10,7 +10,8 @@ Forward, for hidden states h (N, H) (leading dims flattened), the head weight W 
                                                 caller's num_items_in_batch ("mean" with it); "none": loss_i
 
 With reduction "mean" or "sum", rows whose label is ``ignore_index`` are dropped before anything is computed
-(``index_select`` of the live rows; autograd keeps the index and scatters dL/dh back): in a multimodal sequence the
+(``index_select`` of the live rows, or a slice when they are one run, e.g. a single causal row; autograd keeps
+the index and scatters dL/dh back): in a multimodal sequence the
 image tokens, padding and prompt never reach the head. The rows are processed in chunks of C tokens. Per chunk the (C, V) logits are computed with a torch matmul
 (cuBLAS), the cross-entropy row function of ``cross_entropy.py`` (Triton, or its torch path) turns them into
 per-row losses and overwrites them IN PLACE with ``G = d loss_i / d x_i`` (softcap and scale chain rule
@@ -405,7 +406,11 @@ def fused_linear_cross_entropy(
         live = flat_labels != ignore_index
         if bool(live.any()) and not bool(live.all()):
             keep = live.nonzero().squeeze(1)
-            h, flat_labels = h.index_select(0, keep), flat_labels.index_select(0, keep)
+            first, last = int(keep[0]), int(keep[-1])
+            if last - first + 1 == keep.numel():  # one run of live rows (one causal row: all but the last): a view,
+                h, flat_labels = h[first : last + 1], flat_labels[first : last + 1]  # no copy of the hidden states
+            else:
+                h, flat_labels = h.index_select(0, keep), flat_labels.index_select(0, keep)
     loss = FusedLinearCrossEntropyFunction.apply(
         h,
         weight,

@@ -617,3 +617,37 @@ def test_ignored_rows_never_reach_the_head(be):
     check_fp32_relative(loss, want.detach(), "loss")
     check_fp32_relative(grad, want_grad, "dL/dh")
     assert not grad[labels == -100].any()
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_one_run_of_live_rows_is_a_view(be):
+    """One causal row whose prompt and last position are ignored (live rows 3..10 of 12, one run): the live hidden
+    states are a slice, not an index_select copy (a tokens x hidden transient at the long-context peak), so autograd
+    keeps no index either; the loss and dL/dh equal the float64 formula."""
+    hidden, weight, _, labels = make_inputs((1, 12), 16, 37, seed=13, ignore_frac=0.0)
+    labels[0, :3] = -100
+    labels[0, -1] = -100
+    h = hidden.float().requires_grad_()
+    with backend(be), SavedTensorMeter() as meter, _OpsRun() as mode:
+        loss = fused_linear_cross_entropy(h, weight.float(), labels)
+    assert "aten.index_select.default" not in mode.ops
+    assert meter.total_bytes == 8 * 16 * 4, [(s.shape, s.dtype) for s in meter.saved]  # the live rows' dL/dh only
+    (grad,) = torch.autograd.grad(loss, h)
+    h64 = hidden.clone().requires_grad_()
+    want = torch.nn.functional.cross_entropy((h64 @ weight.T).view(-1, 37), labels.view(-1))
+    (want_grad,) = torch.autograd.grad(want, h64)
+    check_fp32_relative(loss, want.detach(), "loss")
+    check_fp32_relative(grad, want_grad, "dL/dh")
+    assert not grad[labels == -100].any()
+
+
+class _OpsRun(TorchDispatchMode):
+    """Records the name of every op run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func))
+        return func(*args, **(kwargs or {}))

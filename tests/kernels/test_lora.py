@@ -656,7 +656,11 @@ class _Float32Rows(TorchDispatchMode):
         flat = [*args, *(kwargs or {}).values()]
         inputs = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.untyped_storage().data_ptr() not in inputs:
+            if (
+                isinstance(t, torch.Tensor)
+                and t.dtype == torch.float32
+                and t.untyped_storage().data_ptr() not in inputs
+            ):
                 self.shapes.add(tuple(t.shape))
         return out
 
