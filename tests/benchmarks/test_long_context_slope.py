@@ -7,10 +7,16 @@ intermediate 3.5 x hidden, GQA 4:1 (4 query heads and 1 key-value head of 64), L
 at hidden 256, 2 decoder layers, bf16, SDPA, one sequence of 256 and of 512 tokens. fastft's fixed-size row blocks
 (the loss's logits chunk, the LoRA fp32 blocks, the MLP tile) are set to 32 rows (``blocks``/``tile`` of the
 bench): at full size they are 1024-row blocks, a constant next to a long sequence, and 32-row blocks make 256-512
-tokens "many blocks" in the same way, so the slope between them is the long-context one. The lengths are in the
-linear regime of every contender (offline, 128/256/512 tokens: the two slopes agree, see MEASURED). On a CPU the
-host is the device, so fastft's offloaded layer inputs count here (on a GPU they would not): fastft is charged for
-them.
+tokens "many blocks" in the same way. On a CPU the host is the device, so fastft's offloaded layer inputs count
+here (on a GPU they would not): fastft is charged for them.
+
+Which slope this is. 256 -> 512 is linear for every contender (offline: 128 -> 256 gives the same within 3%, except
+fastft without checkpointing, 7.3 against 7.7), with fastft's peak in one layer's MLP backward after its recompute.
+It is not yet the asymptotic slope: from ~600 tokens at this width fastft's peak moves to the attention backward
+(torch's CPU SDPA backward allocates an fp32 dq accumulator, as flash-attention's backward does on a GPU), whose
+per-token term is larger (ASYMPTOTIC below, measured offline at 1024 -> 2048; ~4 minutes per contender
+interpreted, beyond CI's budget). The bars hold there too at the Llama vocabulary; the CI test guards the phase it
+can afford.
 
 Two vocabularies, because plain's slope depends on it and fastft's does not (its loss is chunked):
 
@@ -24,15 +30,24 @@ Two vocabularies, because plain's slope depends on it and fastft's does not (its
   layer's backward after its recompute, where the recomputed attention's tensors (normalised input, q, k, v after
   RoPE, attention output, the LoRA products), the residual stream and its gradient, the MLP's input and its dx,
   and the kept layer input are alive at once (4.28 KiB: about 8.6 bf16 hidden-sized rows per token) against plain's ~58;
-  going lower needs attention and MLP recomputed separately (sub-layer checkpointing), not done. The test asserts
+  past ~600 tokens, the attention backward with its fp32 dq accumulator (5.47 KiB). Going lower needs attention
+  and MLP recomputed separately (sub-layer checkpointing) and the input norm fused into q/k/v (its output is kept
+  for dA: one row per layer), not done. The test asserts
   the measured ratios plus ~6% as regression bounds.
 
 MEASURED (KiB per token between 256 and 512 tokens; offline, 128 -> 256 and 512 -> 1024 gave the same within 3%,
 except fastft without checkpointing at 128 -> 256, 7.3, below the linear regime; the test prints its own table):
 
     vocabulary    plain    fastft offloaded + tiled    fastft tiled, no checkpointing
-    8016          96.20    4.28 (0.044x)               7.81 (0.081x)
+    8016          96.20    4.28-4.34 (0.044-0.045x)    7.81-7.83 (0.081x)
     2048          29.16    4.28 (0.147x)               7.72 (0.265x)
+
+ASYMPTOTIC (offline, 1024 -> 2048 tokens, vocabulary 2048; fastft's peak in the attention backward after the
+recompute; ``TRITON_INTERPRET=1 python -m fastft.bench.long_context --seq 1024 2048 --tile 32 --blocks 32 --config
+hidden_size=256 intermediate_size=896 num_attention_heads=4 num_key_value_heads=1 head_dim=64 vocab_size=2048``):
+plain 29.66, fastft offloaded + tiled 5.47 (0.184x; 0.057x of plain's 96.20 at the Llama vocabulary), fastft tiled
+without checkpointing 7.97 (0.269x; 0.083x). (512 -> 1024 straddles the change of phase: 7.34 and 9.75, not a
+slope of either phase.)
 
 (fastft's slopes at 2048 are measured offline; the test measures fastft at 8016 only and divides by plain at both
 vocabularies, which is sound because fastft's peak holds no vocabulary-sized per-token tensor: 4.28 at both; without
@@ -53,8 +68,9 @@ SEQ = (256, 512)
 BLOCKS = 32  # rows of the loss chunk, LoRA fp32 blocks and MLP tile (module docstring)
 OFFLOADED, NO_CKPT = "fastft+tiled", "fastft+tiled (no ckpt)"
 # Regression bounds at the small vocabulary (the 0.10 / 0.25 are not met there, module docstring): the
-# measured 0.147x and 0.265x plus ~6%. The meter counts allocations, which do not vary from run to run.
-OFFLOADED_SMALL_BOUND, NO_CKPT_SMALL_BOUND = 0.156, 0.28
+# ratios the test computes (0.147-0.149x and 0.268x) plus ~6%: the peaks move by ~1% between runs (4.28 and 4.34 KiB
+# per token seen for the offloaded one), and the bound is for regressions, not for that noise.
+OFFLOADED_SMALL_BOUND, NO_CKPT_SMALL_BOUND = 0.158, 0.285
 
 
 def _measure(contender: str, vocab: int):
