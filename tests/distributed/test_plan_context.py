@@ -3,7 +3,8 @@ host memory, and the planner's per-token activation terms equal what a fastft lo
 backward (SavedTensorMeter, bf16, at two lengths: bytes per token, exact).
 
 The step-peak slope those terms predict was compared with PeakMemoryMeter on the Llama-3-8B-proportioned model of
-fastft.bench.long_context (interpreted kernels; minutes on a CPU, so not in CI): see that module and the README.
+fastft.bench.long_context (interpreted kernels): see that module, the README, and
+tests/benchmarks/test_long_context_slope.py (the slope against transformers + PEFT, in CI at hidden 256).
 """
 
 from __future__ import annotations
