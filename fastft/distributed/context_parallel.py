@@ -1,0 +1,433 @@
+"""Context parallelism: one long sequence split across ranks, attention over all-gathered keys and values.
+
+Each rank of the context-parallel (CP) group holds a contiguous shard of every sequence: with ``C`` ranks and a
+sequence of ``T = C * S`` tokens, rank ``r`` holds positions ``r*S .. r*S + S - 1``. Everything in a decoder layer
+except attention is per token, so it runs on the shard as it is: fastft's fused LoRA projections, RoPE (from the
+global ``position_ids``), norms, the (tiled) MLP and the fused loss all run unchanged on ``S`` tokens. Attention
+needs the keys and values of every earlier position: each layer all-gathers K and V along the sequence across the
+group (the all-gather style of context parallelism Llama 3's long-context pre-training used; K and V are small
+next to Q under GQA) and rank ``r`` attends its ``S`` queries to the first ``(r + 1) * S`` gathered positions with
+a causal mask aligned to the lower right (query ``i`` of the shard is global position ``r*S + i`` and sees keys
+``0 .. r*S + i``). In backward the gradients of the gathered K and V are reduce-scattered (summed) back to the
+ranks that own those positions. So the forward and backward values are those of the whole sequence, up to fp32
+rounding of differently ordered sums.
+
+The attention core is registered through transformers' public ``AttentionInterface`` under the name ``"fastft_cp"``
+(and a mask function under the same name, which refuses padding masks and non-causal mask patterns); the model
+keeps its own attention forward (fastft's fused q/k/v LoRA Function and RoPE kernel when patched) and only the call
+that transformers dispatches through ``config._attn_implementation`` changes. SDPA runs it: on a GPU the causal
+lower-right case goes to the flash / memory-efficient kernels (``torch.nn.attention.bias.causal_lower_right``),
+on CPU to the math path. Sliding-window layers (Mistral, Qwen, Gemma-3) are handled with an explicit band mask
+over the keys the window can reach; attention-logit softcaps (Gemma-2) are refused.
+
+The all-gather is PyTorch's own ``cplib::flex_cp_allgather`` (the custom op behind its flex-attention context
+parallelism: funcol all-gather forward, reduce-scatter backward), or, where the installed torch lacks it, a small
+autograd Function doing the same with ``dist.all_gather_into_tensor`` / ``dist.reduce_scatter_tensor``. Both run
+on gloo (CPU) and NCCL.
+
+Memory per rank: the activations of ``S = T / C`` tokens (every per-token term of ``fastft plan`` divided by
+``C``), plus, inside one attention call, the gathered K and V of that layer for the whole sequence
+(``2 x T x kv_heads x head_dim`` elements; under checkpointing the gathered copies are not kept for backward, the
+recompute gathers again). Not done: ring attention (K/V passed around instead of gathered) and load balancing
+(the head-tail split that gives every rank the same causal work: here rank ``C - 1`` does ``C`` times the attention
+work of rank 0; the rest of the layer is balanced).
+
+Loss and gradients: :meth:`ContextParallel.shard_batch` shifts the labels over the whole sequence before
+splitting and sets ``num_items_in_batch`` to the whole batch's count of labelled tokens, so each rank's loss is its
+share of the global mean and the sum of the ranks' losses is the single-process loss. The gradient of that sum is
+the sum of the ranks' gradients: :meth:`ContextParallel.sync_gradients` all-reduces (sums) the trainable
+gradients over the group; with :func:`fastft.distributed.shard` (FSDP2 over the same ranks) FSDP2's
+reduce-scatter does it, with its gradient divide factor set by :func:`context_parallel` so that it sums over the
+CP ranks instead of averaging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from fastft.models.patch import causal_lm, text_config
+
+ATTENTION_NAME = "fastft_cp"
+_SPEC_ATTR = "_fastft_context_parallel"
+_GROUPS: dict[str, dist.ProcessGroup] = {}  # process group name -> group (modules keep only the name: deepcopy-safe)
+_FORCE_FALLBACK = False  # tests: use the public-collective Function even where torch has its own op
+
+
+@dataclass(frozen=True)
+class _Spec:
+    group_name: str
+    rank: int
+    size: int
+
+
+# ------------------------------------------------------------------------------------------------ all-gather
+
+
+def _torch_allgather():
+    """PyTorch's own K/V all-gather custom op (forward all-gather, backward reduce-scatter), or None."""
+    if _FORCE_FALLBACK:
+        return None
+    try:  # torch >= 2.9 (the flex-attention path of torch.distributed.tensor.experimental.context_parallel)
+        from torch.distributed.tensor.experimental._context_parallel import flex_cp_allgather
+    except ImportError:
+        return None
+    return flex_cp_allgather
+
+
+class _AllGatherSequence(torch.autograd.Function):
+    """``cat([x_0, ..., x_{C-1}], dim=2)`` of every rank's ``x`` (``[batch, heads, S, head_dim]``); backward sums
+    the gathered gradient over the ranks and hands each rank the slice of its own positions."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        size = dist.get_world_size(group)
+        rows = x.permute(2, 0, 1, 3).contiguous()  # sequence first: the collectives work along dim 0
+        out = rows.new_empty((size * rows.shape[0], *rows.shape[1:]))
+        dist.all_gather_into_tensor(out, rows, group=group)
+        return out.permute(1, 2, 0, 3)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        size = dist.get_world_size(ctx.group)
+        rows = grad.permute(2, 0, 1, 3).contiguous()
+        out = rows.new_empty((rows.shape[0] // size, *rows.shape[1:]))
+        dist.reduce_scatter_tensor(out, rows, op=dist.ReduceOp.SUM, group=ctx.group)
+        return out.permute(1, 2, 0, 3), None
+
+
+def gather_sequence(
+    key: torch.Tensor, value: torch.Tensor, group: dist.ProcessGroup
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``key`` and ``value`` (``[batch, kv_heads, S, head_dim]``) of every rank of ``group``, concatenated along the
+    sequence in rank order; differentiable (backward reduce-scatters the gradients)."""
+    op = _torch_allgather()
+    if op is not None:
+        return op(key.contiguous(), value.contiguous(), 2, dist.distributed_c10d._get_process_group_name(group))
+    return _AllGatherSequence.apply(key, group), _AllGatherSequence.apply(value, group)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+def context_parallel_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention of this rank's query shard over the keys and values of the whole sequence (the
+    ``"fastft_cp"`` entry of transformers' ``AttentionInterface``; module docstring).
+
+    ``query`` is ``[batch, heads, S, head_dim]``, ``key``/``value`` ``[batch, kv_heads, S, head_dim]`` (this rank's
+    positions); returns ``([batch, S, heads, v_head_dim], None)`` as transformers' attention functions do.
+    """
+    spec = module.__dict__.get(_SPEC_ATTR)
+    if spec is None:
+        raise RuntimeError(
+            f"fastft context parallelism: {type(module).__name__} runs attention '{ATTENTION_NAME}' but was not set up "
+            "by fastft.distributed.context_parallel(model); call that on the model (it sets the attention "
+            "implementation and the process group together), or set config._attn_implementation back to 'sdpa'."
+        )
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError(
+            f"fastft context parallelism: {type(module).__name__} caps its attention logits (softcap "
+            f"{kwargs['softcap']}); the context-parallel attention runs SDPA, which has no softcap. Train this model "
+            "without context parallelism."
+        )
+    if not (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
+        raise NotImplementedError(
+            f"fastft context parallelism: {type(module).__name__} attends bidirectionally; only causal (decoder) "
+            "attention is split across ranks."
+        )
+    if attention_mask is not None:
+        raise ValueError(
+            "fastft context parallelism: the model was given a prepared (4-D) attention mask; context-parallel "
+            "attention computes its causal mask from the shard's global positions. Pass no attention_mask (use "
+            "ContextParallel.shard_batch)."
+        )
+    length = query.shape[2]
+    if key.shape[2] != length:
+        raise ValueError(
+            f"fastft context parallelism: {key.shape[2]} keys for {length} queries (a KV cache, as in generation?). "
+            "Context parallelism is for training forwards over whole sequences: call cp.close() before generating."
+        )
+    keys, values = gather_sequence(key, value, _GROUPS[spec.group_name])
+    first, end = spec.rank * length, (spec.rank + 1) * length  # this shard's first query; keys it may see
+    start, mask, causal = 0, None, False
+    window = kwargs.get("sliding_window")
+    if window is not None and first + length - 1 >= window:
+        # The window binds (some query is further than `window` from key 0): an explicit band mask over the keys
+        # the shard's queries can reach, [first - window + 1, end). Key j is seen by query i when i - window < j <= i
+        # (transformers' sliding_window_overlay and causal mask).
+        start = max(0, first - window + 1)
+        q_pos = torch.arange(first, end, device=query.device)[:, None]
+        k_pos = torch.arange(start, end, device=query.device)[None, :]
+        mask = (k_pos <= q_pos) & (k_pos > q_pos - window)
+    elif spec.rank == 0:
+        causal = True  # square: SDPA's own (upper-left = lower-right) causal mask
+    else:
+        from torch.nn.attention.bias import causal_lower_right
+
+        # Query i of the shard sees keys 0 .. first + i: the causal mask aligned to the lower-right corner, which
+        # SDPA runs in its flash / memory-efficient kernels on GPUs without building the mask.
+        mask = causal_lower_right(length, end)
+    keys, values = keys[:, :, start:end], values[:, :, start:end]
+    # GQA: each group of query heads sharing one K/V head attends in its own SDPA call, so the gathered K/V are
+    # never repeated to every query head (the kernels that take a causal mask do not all take enable_gqa).
+    heads = query.shape[1]
+    kv_heads = keys.shape[1]
+    grouped = query.unflatten(1, (kv_heads, heads // kv_heads))
+    outputs = [
+        F.scaled_dot_product_attention(
+            grouped[:, :, g], keys, values, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scaling
+        )
+        for g in range(grouped.shape[2])
+    ]
+    out = outputs[0] if len(outputs) == 1 else torch.stack(outputs, dim=2).flatten(1, 2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def context_parallel_mask(
+    *, attention_mask: torch.Tensor | None = None, allow_is_causal_skip: bool = True, **kwargs
+) -> None:
+    """The mask function of ``"fastft_cp"`` in transformers' ``AttentionMaskInterface``: no mask (the attention
+    builds its own from global positions: None), after refusing what it cannot honour."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(
+            "fastft context parallelism: the attention_mask has zeros (padding). Context-parallel attention splits "
+            "one unpadded sequence per row across ranks: pack or trim the rows to the same length, mark the tokens "
+            "not to learn with labels -100 instead of masking them, and pass no attention_mask."
+        )
+    if not allow_is_causal_skip:
+        raise NotImplementedError(
+            "fastft context parallelism: the model asked for a mask other than plain causal (packed sequences in one "
+            "row with restarting position_ids, bidirectional image tokens, or a static-cache decode): only plain "
+            "causal (and sliding-window) attention is split across ranks."
+        )
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, context_parallel_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, context_parallel_mask)
+
+
+# ------------------------------------------------------------------------------------------------ batches
+
+
+def shard_batch(
+    batch: Mapping[str, torch.Tensor],
+    group: dist.ProcessGroup | None = None,
+    pad_token_id: int = 0,
+    ignore_index: int = -100,
+) -> dict[str, torch.Tensor | bool]:
+    """This rank's part of ``batch`` (the whole batch, the same on every rank of ``group``): model inputs.
+
+    ``batch`` holds ``input_ids`` (``[rows, T]``) and optionally ``labels`` (unshifted, as for the model),
+    ``position_ids`` and an all-ones ``attention_mask``. The labels are shifted over the whole row first, then
+    ``input_ids``, the shifted labels and the global ``position_ids`` are split into ``C`` contiguous shards
+    (rank ``r`` gets positions ``r*S .. r*S + S - 1``). A length not divisible by ``C`` is padded at the end with
+    ``pad_token_id`` and ignored labels (exact: later tokens change nothing before them under a causal mask).
+    Returns ``input_ids``, ``position_ids``, ``use_cache=False`` and, with labels, ``labels`` and ``shift_labels``
+    (both the shard's shifted labels: transformers' loss and fastft's fused loss read ``shift_labels`` and
+    need ``labels`` set) and ``num_items_in_batch`` (labelled tokens of the whole batch, so that each rank's
+    loss is its share of the global mean). Refuses padding masks and packed rows (position_ids that restart).
+    """
+    group = _group(group, "shard_batch")
+    unknown = set(batch) - {"input_ids", "labels", "attention_mask", "position_ids"}
+    if unknown:
+        raise TypeError(
+            f"fastft context parallelism: shard_batch does not know how to split {sorted(unknown)}; it splits "
+            "input_ids, labels and position_ids (and checks attention_mask). Pass other model inputs yourself."
+        )
+    input_ids = batch.get("input_ids")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+        raise ValueError(
+            "fastft context parallelism: shard_batch needs input_ids of shape [rows, tokens], got "
+            f"{getattr(input_ids, 'shape', input_ids)!r}."
+        )
+    rows, tokens = input_ids.shape
+    mask = batch.get("attention_mask")
+    if mask is not None and not bool(mask.bool().all()):
+        context_parallel_mask(attention_mask=mask.bool())  # raises, naming the way out
+    positions = batch.get("position_ids")
+    if positions is None:
+        positions = torch.arange(tokens, device=input_ids.device).expand(rows, tokens)
+    else:
+        positions = positions.expand(rows, tokens)
+        if tokens > 1 and not bool((positions.diff(dim=-1) == 1).all()):
+            raise ValueError(
+                "fastft context parallelism: position_ids do not increase by one along each row (several packed "
+                "sequences in one row?). Context parallelism splits one sequence per row; give each sequence its "
+                "own row, or drop position_ids."
+            )
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    padded = -(-tokens // size) * size
+    extra = padded - tokens
+    shift = None
+    labels = batch.get("labels")
+    if labels is not None:
+        shift = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        shift = F.pad(shift, (0, extra), value=ignore_index)
+    if extra:
+        input_ids = F.pad(input_ids, (0, extra), value=pad_token_id)
+        tail = positions[:, -1:] + torch.arange(1, extra + 1, device=positions.device)
+        positions = torch.cat([positions, tail], dim=-1)
+    part = slice(rank * (padded // size), (rank + 1) * (padded // size))
+    out: dict[str, torch.Tensor | bool] = {
+        "input_ids": input_ids[:, part].contiguous(),
+        "position_ids": positions[:, part].contiguous(),
+        "use_cache": False,
+    }
+    if shift is not None:
+        local = shift[:, part].contiguous()
+        out.update(labels=local, shift_labels=local, num_items_in_batch=(shift != ignore_index).sum())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the switch
+
+
+def _group(group: dist.ProcessGroup | None, caller: str) -> dist.ProcessGroup:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"fastft context parallelism ({caller}): no torch.distributed process group is initialised. Launch with "
+            "`torchrun --nproc_per_node N train.py` and call torch.distributed.init_process_group() (backend 'nccl' "
+            "on GPUs, 'gloo' on CPU) first; every rank of the group must receive the same batches."
+        )
+    return group if group is not None else dist.group.WORLD
+
+
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@dataclass
+class ContextParallel:
+    """What :func:`context_parallel` set up: the group, this rank's place in it, and the step's helpers."""
+
+    model: nn.Module
+    group: dist.ProcessGroup
+    rank: int
+    size: int
+    sharded: bool
+    attention_modules: int
+    _previous: str | None = None
+
+    def shard_batch(self, batch: Mapping[str, torch.Tensor], pad_token_id: int = 0, ignore_index: int = -100) -> dict:
+        """:func:`shard_batch` over this group."""
+        return shard_batch(batch, self.group, pad_token_id=pad_token_id, ignore_index=ignore_index)
+
+    def sync_gradients(self) -> None:
+        """Sum the trainable gradients over the group (call after ``backward``, before the optimizer step).
+
+        The sum of the ranks' losses is the whole batch's loss, so its gradient is the sum of the ranks'
+        gradients. A model sharded with FSDP2 before :func:`context_parallel` needs nothing: its reduce-scatter
+        already summed them (this returns at once)."""
+        if self.sharded:
+            return
+        if _fsdp_modules(self.model):
+            raise RuntimeError(
+                "fastft context parallelism: the model was sharded (fastft.distributed.shard / fully_shard) after "
+                "context_parallel(); FSDP2 then averages the gradients over the ranks instead of summing them over "
+                "the context-parallel group. Call shard(model) first, then context_parallel(model)."
+            )
+        grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        works = [dist.all_reduce(g, op=dist.ReduceOp.SUM, group=self.group, async_op=True) for g in grads]
+        for work in works:
+            work.wait()
+
+    def reduce_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The whole batch's loss (the sum of the ranks' losses), detached, the same on every rank: for logging."""
+        total = loss.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        return total
+
+    def close(self) -> None:
+        """Back to the attention implementation the model had (e.g. to generate); gradient reduction settings of
+        a sharded model stay."""
+        root = causal_lm(self.model)
+        root.config._attn_implementation = self._previous
+        for module in root.modules():
+            module.__dict__.pop(_SPEC_ATTR, None)
+
+
+def context_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -> ContextParallel:
+    """Split every sequence of ``model``'s training steps across the ranks of ``group`` (default: all ranks).
+
+    ``model``: a causal LM (plain transformers, fastft-patched, PEFT-wrapped, or sharded with
+    :func:`fastft.distributed.shard` over the same ranks; call this last, after patching, adapters and
+    sharding). Its attention implementation becomes ``"fastft_cp"`` (module docstring); the rest of the model is
+    unchanged. Returns a :class:`ContextParallel`; a step is::
+
+        inputs = cp.shard_batch(batch)         # the same whole batch on every rank
+        loss = model(**inputs).loss            # this rank's share of the whole batch's mean loss
+        loss.backward()
+        cp.sync_gradients()                    # sum over the ranks (no-op when FSDP2-sharded)
+        optimizer.step(); optimizer.zero_grad()
+
+    Refuses: no process group, composite (multimodal) models, attention-logit softcaps (Gemma-2).
+    """
+    group = _group(group, "context_parallel")
+    root = causal_lm(model)
+    config = getattr(root, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        raise TypeError(
+            f"fastft context parallelism: {type(root).__name__} is not a transformers model (no config); "
+            "context_parallel(model) switches a transformers causal LM's attention implementation."
+        )
+    if text_config(config) is not config:
+        raise NotImplementedError(
+            f"fastft context parallelism: {type(root).__name__} is a composite (multimodal) model; only text causal "
+            "LMs are split across ranks (image tokens would land on one rank's shard)."
+        )
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap is not None:
+        raise NotImplementedError(
+            f"fastft context parallelism: {config.model_type} caps its attention logits (attn_logit_softcapping="
+            f"{softcap}); the context-parallel attention runs SDPA, which has no softcap. Train this model without "
+            "context parallelism."
+        )
+    _register()
+    name = dist.distributed_c10d._get_process_group_name(group)
+    _GROUPS[name] = group
+    spec = _Spec(name, dist.get_rank(group), dist.get_world_size(group))
+    attention = 0
+    from transformers import PreTrainedModel
+
+    for module in root.modules():
+        # The modules transformers hands to the attention function: they hold the config (and is_causal).
+        if hasattr(module, "config") and not isinstance(module, PreTrainedModel):
+            module.__dict__[_SPEC_ATTR] = spec
+            attention += hasattr(module, "is_causal")
+    if not attention:
+        raise ValueError(
+            f"fastft context parallelism: found no attention module in {type(root).__name__} (modules holding the "
+            "config with an is_causal flag, as transformers' attention classes do)."
+        )
+    fsdp = _fsdp_modules(model)
+    if fsdp:
+        # FSDP2 reduce-scatters gradients over all its ranks, dividing by their number; the CP ranks' gradients
+        # must be summed, so divide by the data-parallel degree only (1 when CP spans every rank).
+        factor = dist.get_world_size() / spec.size
+        for module in fsdp:
+            module.set_gradient_divide_factor(factor)
+    previous = config._attn_implementation
+    config._attn_implementation = ATTENTION_NAME
+    return ContextParallel(model, group, spec.rank, spec.size, bool(fsdp), attention, previous)
