@@ -428,6 +428,10 @@ def context_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -
         factor = dist.get_world_size() / spec.size
         for module in fsdp:
             module.set_gradient_divide_factor(factor)
+            # A plain SUM reduce-scatter, then a division only when factor != 1 (otherwise FSDP2 asks for NCCL's
+            # PREMUL_SUM, which gloo lacks). Older torch without the switch uses PREMUL_SUM (NCCL only).
+            if hasattr(module, "set_force_sum_reduction_for_comms"):
+                module.set_force_sum_reduction_for_comms(True)
     previous = config._attn_implementation
     config._attn_implementation = ATTENTION_NAME
     return ContextParallel(model, group, spec.rank, spec.size, bool(fsdp), attention, previous)
