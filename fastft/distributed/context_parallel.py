@@ -55,6 +55,7 @@ from fastft.models.patch import causal_lm, text_config
 
 ATTENTION_NAME = "fastft_cp"
 _SPEC_ATTR = "_fastft_context_parallel"
+_PREVIOUS_ATTR = "_fastft_attn_before_context_parallel"
 _GROUPS: dict[str, dist.ProcessGroup] = {}  # process group name -> group (modules keep only the name: deepcopy-safe)
 _FORCE_FALLBACK = False  # tests: use the public-collective Function even where torch has its own op
 
@@ -363,7 +364,7 @@ class ContextParallel:
         """Back to the attention implementation the model had (e.g. to generate); gradient reduction settings of
         a sharded model stay."""
         root = causal_lm(self.model)
-        root.config._attn_implementation = self._previous
+        root.config._attn_implementation = root.__dict__.pop(_PREVIOUS_ATTR, self._previous)
         for module in root.modules():
             module.__dict__.pop(_SPEC_ATTR, None)
 
@@ -432,6 +433,7 @@ def context_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -
             # PREMUL_SUM, which gloo lacks). Older torch without the switch uses PREMUL_SUM (NCCL only).
             if hasattr(module, "set_force_sum_reduction_for_comms"):
                 module.set_force_sum_reduction_for_comms(True)
-    previous = config._attn_implementation
+    # The implementation to go back to (cp.close()), kept across a second context_parallel() call on the model.
+    previous = root.__dict__.setdefault(_PREVIOUS_ATTR, config._attn_implementation)
     config._attn_implementation = ATTENTION_NAME
     return ContextParallel(model, group, spec.rank, spec.size, bool(fsdp), attention, previous)

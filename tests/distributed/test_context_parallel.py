@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+import transformers
 
 import fastft
 from fastft.distributed import context_parallel as cp_module
@@ -25,6 +26,7 @@ from fastft.distributed.context_parallel import context_parallel, context_parall
 from fastft.kernels import force_backend
 from fastft.models.checkpointing import set_checkpointing
 from fastft.models.long_context import set_long_context
+from fastft.models.tiny_vision_configs import tiny_vision_config
 from tests.distributed.launch import free_port, run_ranks
 from tests.models.tiny import tiny_model, twins
 
@@ -231,6 +233,9 @@ def test_refuses_what_it_cannot_split(one_rank_group):
     gemma2, _ = twins("gemma2", torch.float32)
     with pytest.raises(NotImplementedError, match="attn_logit_softcapping"):
         context_parallel(gemma2)
+    vision = transformers.Qwen2VLForConditionalGeneration(tiny_vision_config("qwen2_vl"))
+    with pytest.raises(NotImplementedError, match="composite \\(multimodal\\)"):
+        context_parallel(vision)
 
     model = _model("lora")
     cp = context_parallel(model)
@@ -238,7 +243,9 @@ def test_refuses_what_it_cannot_split(one_rank_group):
         model(input_ids=ids, attention_mask=padded["attention_mask"])
     with pytest.raises(ValueError, match="KV cache"), torch.no_grad():  # the first decoding step
         model.eval().generate(ids[:, :5], max_new_tokens=2, do_sample=False)
+    cp = context_parallel(model)  # a second call (another group, say) still goes back to the first implementation
     cp.close()  # back to eager: generation works again
+    assert model.config._attn_implementation == "eager"
     assert model.generate(ids[:, :5], max_new_tokens=2, do_sample=False).shape == (2, 7)
 
     other = _model("lora")
