@@ -25,6 +25,7 @@ from fastft.distributed import shard
 from fastft.distributed.context_parallel import context_parallel, context_parallel_attention, shard_batch
 from fastft.kernels import force_backend
 from fastft.models.checkpointing import set_checkpointing
+from fastft.models.families import FAMILIES
 from fastft.models.long_context import set_long_context
 from fastft.models.tiny_vision_configs import tiny_vision_config
 from tests.distributed.launch import free_port, run_ranks
@@ -39,10 +40,14 @@ MODELS = {
     "lora": ("llama", {}, True, True),
     "plain": ("llama", {}, False, True),  # transformers + PEFT as they are: the attention function alone
     "full": ("llama", {}, True, False),
+    "qwen2": ("qwen2", {}, True, True),
     "qwen3": ("qwen3", {}, True, True),
     "mistral": ("mistral", {"sliding_window": 4}, True, True),
+    "gemma": ("gemma", {}, True, True),
     "gemma3_text": ("gemma3_text", {"sliding_window": 4}, True, True),
+    "phi3": ("phi3", {}, True, True),  # fused qkv / gate_up projections, partial rotary
 }
+# Every family of fastft.models.families but Gemma-2, whose attention-logit softcap is refused (tested below).
 # Distributed variants of the "lora" model, all compared with its single-process step.
 VARIANTS = ("fallback_allgather", "fsdp", "fsdp_offload_tiled")
 
@@ -157,6 +162,10 @@ def test_two_rank_step_equals_one_process(ranks, single, case):
         for name, grad in want["grads"].items():
             assert grad.abs().max() > 0, name
             _assert_close(got["grads"][name], grad, f"{case} {name}")
+
+
+def test_every_family_is_run_or_refused():
+    assert {family for family, *_ in MODELS.values()} | {"gemma2"} == set(FAMILIES)
 
 
 def test_shard_batch_shifts_globally_then_splits_and_pads(ranks):
