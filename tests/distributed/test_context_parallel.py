@@ -49,7 +49,7 @@ MODELS = {
 }
 # Every family of fastft.models.families but Gemma-2, whose attention-logit softcap is refused (tested below).
 # Distributed variants of the "lora" model, all compared with its single-process step.
-VARIANTS = ("fallback_allgather", "fsdp", "fsdp_offload_tiled")
+VARIANTS = ("fallback_allgather", "triton", "fsdp", "fsdp_offload_tiled")
 
 
 def _batch() -> dict[str, torch.Tensor]:
@@ -79,16 +79,16 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _step(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    with force_backend("torch"):
+def _step(model: torch.nn.Module, inputs: dict, backend: str = "torch") -> torch.Tensor:
+    with force_backend(backend):
         loss = model(**inputs).loss
         loss.backward()
     return loss.detach()
 
 
-def _cp_step(model: torch.nn.Module) -> dict:
+def _cp_step(model: torch.nn.Module, backend: str = "torch") -> dict:
     cp = context_parallel(model)
-    loss = _step(model, cp.shard_batch(_batch()))
+    loss = _step(model, cp.shard_batch(_batch()), backend)
     cp.sync_gradients()
     return {"loss": cp.reduce_loss(loss), "grads": _grads(model)}
 
@@ -121,6 +121,7 @@ def _on_ranks(rank: int, world: int) -> dict:
         results["fallback_allgather"] = _cp_step(_model("lora"))
     finally:
         cp_module._FORCE_FALLBACK = False
+    results["triton"] = _cp_step(_model("lora"), "triton")  # fastft's Triton kernels (interpreted) on the shards
     results["fsdp"] = _cp_step(shard(_model("lora")))
     long = _model("lora")
     set_checkpointing(long, "offload")  # the recompute in backward gathers K/V again, in the same order everywhere
@@ -141,6 +142,8 @@ def single() -> dict:
         model = _model(name)
         loss = _step(model, _batch())
         out[name] = {"loss": loss, "grads": _grads(model)}
+    model = _model("lora")
+    out["triton"] = {"loss": _step(model, _batch(), "triton"), "grads": _grads(model)}
     return out
 
 
@@ -151,7 +154,7 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 @pytest.mark.parametrize("case", [*MODELS, *VARIANTS])
 def test_two_rank_step_equals_one_process(ranks, single, case):
-    want = single[case if case in MODELS else "lora"]
+    want = single[case if case in MODELS or case == "triton" else "lora"]
     assert len(want["grads"]) > 0
     if case == "full":
         assert any("embed_tokens" in n for n in want["grads"])  # every parameter, not adapters only
