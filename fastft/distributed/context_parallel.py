@@ -13,12 +13,14 @@ ranks that own those positions. So the forward and backward values are those of 
 rounding of differently ordered sums.
 
 The attention core is registered through transformers' public ``AttentionInterface`` under the name ``"fastft_cp"``
-(and a mask function under the same name, which refuses padding masks and non-causal mask patterns); the model
+(and a mask function under the same name, which refuses padding masks and non-causal mask patterns: right padding
+is dropped by :func:`shard_batch` before the model sees it); the model
 keeps its own attention forward (fastft's fused q/k/v LoRA Function and RoPE kernel when patched) and only the call
 that transformers dispatches through ``config._attn_implementation`` changes. SDPA runs it: on a GPU the causal
 lower-right case goes to the flash / memory-efficient kernels (``torch.nn.attention.bias.causal_lower_right``),
-on CPU to the math path. Sliding-window layers (Mistral, Qwen, Gemma-3) are handled with an explicit band mask
-over the keys the window can reach; attention-logit softcaps (Gemma-2) are refused.
+on CPU to the math path. Sliding-window layers (Mistral, Qwen, Gemma-3) whose window is shorter than the sequence
+are handled with an explicit band mask over the keys the window can reach (``S x (S + window)`` booleans per call,
+where transformers' own SDPA path builds ``T x T``); attention-logit softcaps (Gemma-2) are refused.
 
 The all-gather is PyTorch's own ``cplib::flex_cp_allgather`` (the custom op behind its flex-attention context
 parallelism: funcol all-gather forward, reduce-scatter backward), or, where the installed torch lacks it, a small
@@ -28,7 +30,7 @@ on gloo (CPU) and NCCL.
 Memory per rank: the activations of ``S = T / C`` tokens (every per-token term of ``fastft plan`` divided by
 ``C``), plus, inside one attention call, the gathered K and V of that layer for the whole sequence
 (``2 x T x kv_heads x head_dim`` elements; under checkpointing the gathered copies are not kept for backward, the
-recompute gathers again). Not done: ring attention (K/V passed around instead of gathered) and load balancing
+recompute gathers again; without it every layer keeps its own until backward). Not done: ring attention (K/V passed around instead of gathered) and load balancing
 (the head-tail split that gives every rank the same causal work: here rank ``C - 1`` does ``C`` times the attention
 work of rank 0; the rest of the layer is balanced).
 
@@ -74,7 +76,7 @@ def _torch_allgather():
     """PyTorch's own K/V all-gather custom op (forward all-gather, backward reduce-scatter), or None."""
     if _FORCE_FALLBACK:
         return None
-    try:  # torch >= 2.9 (the flex-attention path of torch.distributed.tensor.experimental.context_parallel)
+    try:  # in torch 2.13 (its flex-attention context parallelism); not in every release pyproject's floor allows
         from torch.distributed.tensor.experimental._context_parallel import flex_cp_allgather
     except ImportError:
         return None
@@ -207,9 +209,9 @@ def context_parallel_mask(
     builds its own from global positions: None), after refusing what it cannot honour."""
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError(
-            "fastft context parallelism: the attention_mask has zeros (padding). Context-parallel attention splits "
-            "one unpadded sequence per row across ranks: pack or trim the rows to the same length, mark the tokens "
-            "not to learn with labels -100 instead of masking them, and pass no attention_mask."
+            "fastft context parallelism: the model was given an attention_mask with zeros (padding); context-parallel "
+            "attention splits one sequence per row and builds its own causal mask. Prepare the inputs with "
+            "ContextParallel.shard_batch (it accepts right padding whose labels are -100, and drops the mask)."
         )
     if not allow_is_causal_skip:
         raise NotImplementedError(
@@ -246,7 +248,9 @@ def shard_batch(
     Returns ``input_ids``, ``position_ids``, ``use_cache=False`` and, with labels, ``labels`` and ``shift_labels``
     (both the shard's shifted labels: transformers' loss and fastft's fused loss read ``shift_labels`` and
     need ``labels`` set) and ``num_items_in_batch`` (labelled tokens of the whole batch, so that each rank's
-    loss is its share of the global mean). Refuses padding masks and packed rows (position_ids that restart).
+    loss is its share of the global mean). An ``attention_mask`` may pad the end of rows (right padding) when the
+    padding has no label (-100): it is then dropped, exactly; left padding and packed rows (position_ids that
+    restart) are refused.
     """
     group = _group(group, "shard_batch")
     unknown = set(batch) - {"input_ids", "labels", "attention_mask", "position_ids"}
@@ -262,9 +266,10 @@ def shard_batch(
             f"{getattr(input_ids, 'shape', input_ids)!r}."
         )
     rows, tokens = input_ids.shape
+    labels = batch.get("labels")
     mask = batch.get("attention_mask")
     if mask is not None and not bool(mask.bool().all()):
-        context_parallel_mask(attention_mask=mask.bool())  # raises, naming the way out
+        _check_right_padding(mask.bool(), labels, ignore_index)
     positions = batch.get("position_ids")
     if positions is None:
         positions = torch.arange(tokens, device=input_ids.device).expand(rows, tokens)
@@ -280,7 +285,6 @@ def shard_batch(
     padded = -(-tokens // size) * size
     extra = padded - tokens
     shift = None
-    labels = batch.get("labels")
     if labels is not None:
         shift = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         shift = F.pad(shift, (0, extra), value=ignore_index)
@@ -298,6 +302,25 @@ def shard_batch(
         local = shift[:, part].contiguous()
         out.update(labels=local, shift_labels=local, num_items_in_batch=(shift != ignore_index).sum())
     return out
+
+
+def _check_right_padding(mask: torch.Tensor, labels: torch.Tensor | None, ignore_index: int) -> None:
+    """Accept a padding mask that only pads the end of rows, with no label on the padding: under a causal mask no
+    real token sees a later one, and no loss term is read from a padding position, so dropping the mask changes
+    nothing. Refuse anything else."""
+    if not bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        raise ValueError(
+            "fastft context parallelism: the attention_mask has zeros before ones (left padding, or holes). Padding "
+            "is only accepted at the end of rows (padding_side='right', as SFT collators use for training), where a "
+            "causal model's real tokens never see it; pad on the right, or pass rows without padding."
+        )
+    if labels is not None and not bool((labels[~mask] == ignore_index).all()):
+        raise ValueError(
+            f"fastft context parallelism: some padding positions (attention_mask 0) have labels other than "
+            f"{ignore_index}. The padding's attention differs once the mask is dropped, so it must not be learned: "
+            f"set labels to {ignore_index} wherever attention_mask is 0 (DataCollatorForLanguageModeling and TRL's "
+            "collators do)."
+        )
 
 
 # ------------------------------------------------------------------------------------------------ the switch

@@ -3,8 +3,9 @@
 One launch runs every distributed case on both ranks; the single-process references run in the test process on
 the whole sequence. Each case is one training step (forward with the loss, backward, gradient sum over the ranks)
 on a batch of 2 rows of 13 tokens (not divisible by 2: shard_batch pads one ignored token at the end, so rank 0
-holds positions 0-6 and rank 1 positions 7-13), the first row with its 4 first labels ignored. Compared: the sum
-of the ranks' losses with the single-process loss, and every trainable gradient.
+holds positions 0-6 and rank 1 positions 7-13), the first row with its 4 first labels ignored (and once with the
+second row padded at the end, against transformers with the padding mask). Compared: the sum of the ranks' losses
+with the single-process loss, and every trainable gradient.
 
 Tolerance: fp32 models, 1e-5 of the largest value of each compared tensor (the repository's fp32 contract, as in
 tests/models/test_long_context.py). The runs differ by fp32 rounding only: each rank's loss sums its own tokens'
@@ -49,7 +50,8 @@ MODELS = {
 }
 # Every family of fastft.models.families but Gemma-2, whose attention-logit softcap is refused (tested below).
 # Distributed variants of the "lora" model, all compared with its single-process step.
-VARIANTS = ("fallback_allgather", "triton", "fsdp", "fsdp_offload_tiled")
+VARIANTS = ("fallback_allgather", "right_padded", "triton", "fsdp", "fsdp_offload_tiled")
+OWN_REFERENCE = ("right_padded", "triton")  # variants compared with their own single-process step
 
 
 def _batch() -> dict[str, torch.Tensor]:
@@ -58,6 +60,16 @@ def _batch() -> dict[str, torch.Tensor]:
     labels = input_ids.clone()
     labels[0, :4] = -100
     return {"input_ids": input_ids, "labels": labels}
+
+
+def _right_padded_batch() -> dict[str, torch.Tensor]:
+    """The batch with its second row padded at the end (3 tokens, labels -100 there), as SFT collators pad."""
+    batch = _batch()
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    batch["attention_mask"][1, 10:] = 0
+    batch["input_ids"][1, 10:] = 0
+    batch["labels"][1, 10:] = -100
+    return batch
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -86,9 +98,9 @@ def _step(model: torch.nn.Module, inputs: dict, backend: str = "torch") -> torch
     return loss.detach()
 
 
-def _cp_step(model: torch.nn.Module, backend: str = "torch") -> dict:
+def _cp_step(model: torch.nn.Module, backend: str = "torch", batch: dict | None = None) -> dict:
     cp = context_parallel(model)
-    loss = _step(model, cp.shard_batch(_batch()), backend)
+    loss = _step(model, cp.shard_batch(batch or _batch()), backend)
     cp.sync_gradients()
     return {"loss": cp.reduce_loss(loss), "grads": _grads(model)}
 
@@ -121,6 +133,7 @@ def _on_ranks(rank: int, world: int) -> dict:
         results["fallback_allgather"] = _cp_step(_model("lora"))
     finally:
         cp_module._FORCE_FALLBACK = False
+    results["right_padded"] = _cp_step(_model("lora"), batch=_right_padded_batch())
     results["triton"] = _cp_step(_model("lora"), "triton")  # fastft's Triton kernels (interpreted) on the shards
     results["fsdp"] = _cp_step(shard(_model("lora")))
     long = _model("lora")
@@ -144,6 +157,8 @@ def single() -> dict:
         out[name] = {"loss": loss, "grads": _grads(model)}
     model = _model("lora")
     out["triton"] = {"loss": _step(model, _batch(), "triton"), "grads": _grads(model)}
+    model = _model("lora")  # transformers masks the padding; context parallelism drops the mask
+    out["right_padded"] = {"loss": _step(model, _right_padded_batch()), "grads": _grads(model)}
     return out
 
 
@@ -154,7 +169,7 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 @pytest.mark.parametrize("case", [*MODELS, *VARIANTS])
 def test_two_rank_step_equals_one_process(ranks, single, case):
-    want = single[case if case in MODELS or case == "triton" else "lora"]
+    want = single[case if case in MODELS or case in OWN_REFERENCE else "lora"]
     assert len(want["grads"]) > 0
     if case == "full":
         assert any("embed_tokens" in n for n in want["grads"])  # every parameter, not adapters only
@@ -233,8 +248,12 @@ def test_refuses_what_it_cannot_split(one_rank_group):
     ids = _batch()["input_ids"]
     padded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     padded["attention_mask"][1, :3] = 0
-    with pytest.raises(ValueError, match="zeros \\(padding\\).*labels -100"):
-        shard_batch(padded)
+    with pytest.raises(ValueError, match="zeros before ones.*padding_side='right'"):
+        shard_batch(padded)  # left padding
+    right = _right_padded_batch()
+    right["labels"][1, 11] = 5
+    with pytest.raises(ValueError, match="padding positions.*labels other than -100"):
+        shard_batch(right)
     packed = torch.cat([torch.arange(7), torch.arange(6)]).expand(2, -1)
     with pytest.raises(ValueError, match="packed.*own row"):
         shard_batch({"input_ids": ids, "position_ids": packed})
@@ -251,7 +270,7 @@ def test_refuses_what_it_cannot_split(one_rank_group):
 
     model = _model("lora")
     cp = context_parallel(model)
-    with pytest.raises(ValueError, match="zeros \\(padding\\)"):  # a padding mask handed to the model directly
+    with pytest.raises(ValueError, match="attention_mask with zeros.*shard_batch"):  # handed to the model directly
         model(input_ids=ids, attention_mask=padded["attention_mask"])
     with pytest.raises(ValueError, match="KV cache"), torch.no_grad():  # the first decoding step
         model.eval().generate(ids[:, :5], max_new_tokens=2, do_sample=False)
