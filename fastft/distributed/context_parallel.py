@@ -14,9 +14,9 @@ rounding of differently ordered sums.
 
 The attention core is registered through transformers' public ``AttentionInterface`` under the name ``"fastft_cp"``
 (and a mask function under the same name, which refuses padding masks and non-causal mask patterns: right padding
-is dropped by :func:`shard_batch` before the model sees it); the model
-keeps its own attention forward (fastft's fused q/k/v LoRA Function and RoPE kernel when patched) and only the call
-that transformers dispatches through ``config._attn_implementation`` changes. SDPA runs it: on a GPU the causal
+is dropped by :func:`shard_batch` before the model sees it); the model keeps its own attention forward (fastft's
+fused q/k/v LoRA Function and RoPE kernel when patched) and only the call that transformers dispatches through
+``config._attn_implementation`` changes. SDPA runs it: on a GPU the causal
 lower-right case goes to the flash / memory-efficient kernels (``torch.nn.attention.bias.causal_lower_right``),
 on CPU to the math path. Sliding-window layers (Mistral, Qwen, Gemma-3) whose window is shorter than the sequence
 are handled with an explicit band mask over the keys the window can reach (``S x (S + window)`` booleans per call,
