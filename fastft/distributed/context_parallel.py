@@ -30,9 +30,14 @@ on gloo (CPU) and NCCL.
 Memory per rank: the activations of ``S = T / C`` tokens (every per-token term of ``fastft plan`` divided by
 ``C``), plus, inside one attention call, the gathered K and V of that layer for the whole sequence
 (``2 x T x kv_heads x head_dim`` elements; under checkpointing the gathered copies are not kept for backward, the
-recompute gathers again; without it every layer keeps its own until backward). Not done: ring attention (K/V passed around instead of gathered) and load balancing
-(the head-tail split that gives every rank the same causal work: here rank ``C - 1`` does ``C`` times the attention
-work of rank 0; the rest of the layer is balanced).
+recompute gathers again; without it every layer keeps its own until backward).
+
+Load balancing (``load_balance=True``): with contiguous shards rank ``C - 1`` does ``C`` times the attention work
+of rank 0 (its queries see every key). The head-tail layout cuts the sequence into ``2C`` chunks and gives rank
+``r`` chunks ``r`` and ``2C - 1 - r``, so every rank has the same causal work; each of its two chunks attends with
+its own lower-right causal mask over the gathered K/V, which are first put back in sequence order (one more copy
+of them per layer). Not done: ring attention (K/V passed around between ranks instead of gathered, for when one
+layer's whole K/V does not fit).
 
 Loss and gradients: :meth:`ContextParallel.shard_batch` shifts the labels over the whole sequence before
 splitting and sets ``num_items_in_batch`` to the whole batch's count of labelled tokens, so each rank's loss is its
@@ -67,6 +72,7 @@ class _Spec:
     group_name: str
     rank: int
     size: int
+    balanced: bool = False  # head-tail layout (load_balance=True)
 
 
 # ------------------------------------------------------------------------------------------------ all-gather
@@ -166,31 +172,92 @@ def context_parallel_attention(
             f"fastft context parallelism: {key.shape[2]} keys for {length} queries (a KV cache, as in generation?). "
             "Context parallelism is for training forwards over whole sequences: call cp.close() before generating."
         )
+    if spec.balanced and length % 2:
+        raise ValueError(
+            f"fastft context parallelism (load_balance=True): {length} positions on this rank, not two equal chunks; "
+            "prepare the inputs with ContextParallel.shard_batch, which pads to a multiple of 2 x ranks."
+        )
+    if getattr(module, "layer_idx", None) == 0:
+        _check_layout(spec, kwargs.get("position_ids"), length)
+    # Every check above runs before the first collective: a refused call raises instead of pairing its all-gather
+    # with another one (the other ranks stop on their own check, or torchrun ends them when this rank fails).
     keys, values = gather_sequence(key, value, _GROUPS[spec.group_name])
-    first, end = spec.rank * length, (spec.rank + 1) * length  # this shard's first query; keys it may see
-    start, mask, causal = 0, None, False
     window = kwargs.get("sliding_window")
+    if not spec.balanced:  # rank r holds positions r*S .. r*S + S - 1: the gathered order is the global order
+        out = _attend(query, spec.rank * length, keys, values, window, dropout, scaling)
+        return out.transpose(1, 2).contiguous(), None
+    # Head-tail layout: of 2C chunks of S/2 positions, rank r holds chunks r and 2C-1-r (module docstring).
+    half, chunks = length // 2, 2 * spec.size
+    keys, values = _global_order(keys, spec.size), _global_order(values, spec.size)
+    outs = [
+        _attend(query[:, :, :half], spec.rank * half, keys, values, window, dropout, scaling),
+        _attend(query[:, :, half:], (chunks - 1 - spec.rank) * half, keys, values, window, dropout, scaling),
+    ]
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _check_layout(spec: _Spec, positions: object, length: int) -> None:
+    """Once per forward (the first layer; one host read of two positions): the shard's position_ids jump where the
+    layout says, so inputs split for the other layout (shard_batch's load_balance not the model's) do not run
+    silently wrong. Rank ``r`` of the head-tail layout jumps by ``(2C - 1 - 2r) * S/2`` half-way, a contiguous
+    shard by ``S/2`` (the same on the last rank: the other ranks catch it)."""
+    if not isinstance(positions, torch.Tensor) or positions.ndim != 2 or length < 2 or length % 2:
+        return
+    half = length // 2
+    step = int(positions[0, half] - positions[0, 0])
+    balanced = step == (2 * spec.size - 1 - 2 * spec.rank) * half
+    contiguous = step == half
+    if (spec.balanced and not balanced) or (not spec.balanced and not contiguous):
+        raise ValueError(
+            f"fastft context parallelism: this rank's position_ids jump by {step} half-way through its {length} "
+            f"positions, which is not the {'head-tail' if spec.balanced else 'contiguous'} layout the model was set "
+            f"up with (context_parallel(load_balance={spec.balanced})). Split the inputs with the ContextParallel's "
+            "own shard_batch, which uses the same layout."
+        )
+
+
+def _global_order(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Gathered ``[batch, heads, T, dim]`` of head-tail shards (rank j: chunks j and 2C-1-j) in sequence order:
+    the ranks' first chunks are chunks 0..C-1 in rank order, their second chunks C..2C-1 in reverse rank order."""
+    parts = x.unflatten(2, (size, 2, -1))  # [batch, heads, rank, which chunk of the rank, positions, dim]
+    ordered = torch.cat([parts[:, :, :, 0], parts[:, :, :, 1].flip(2)], dim=2)
+    return ordered.flatten(2, 3)
+
+
+def _attend(
+    query: torch.Tensor,
+    first: int,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    window: int | None,
+    dropout: float,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Causal (optionally sliding-window) attention of the queries at global positions ``first ..`` over the
+    gathered ``keys``/``values`` in sequence order; ``[batch, heads, queries, v_head_dim]``."""
+    length = query.shape[2]
+    end = first + length  # keys 0 .. end - 1 are visible to some query of the block
+    start, mask, causal = 0, None, False
     if window is not None and first + length - 1 >= window:
         # The window binds (some query is further than `window` from key 0): an explicit band mask over the keys
-        # the shard's queries can reach, [first - window + 1, end). Key j is seen by query i when i - window < j <= i
+        # the block's queries can reach, [first - window + 1, end). Key j is seen by query i when i - window < j <= i
         # (transformers' sliding_window_overlay and causal mask).
         start = max(0, first - window + 1)
         q_pos = torch.arange(first, end, device=query.device)[:, None]
         k_pos = torch.arange(start, end, device=query.device)[None, :]
         mask = (k_pos <= q_pos) & (k_pos > q_pos - window)
-    elif spec.rank == 0:
+    elif first == 0:
         causal = True  # square: SDPA's own (upper-left = lower-right) causal mask
     else:
         from torch.nn.attention.bias import causal_lower_right
 
-        # Query i of the shard sees keys 0 .. first + i: the causal mask aligned to the lower-right corner, which
+        # Query i of the block sees keys 0 .. first + i: the causal mask aligned to the lower-right corner, which
         # SDPA runs in its flash / memory-efficient kernels on GPUs without building the mask.
         mask = causal_lower_right(length, end)
     keys, values = keys[:, :, start:end], values[:, :, start:end]
     # GQA: each group of query heads sharing one K/V head attends in its own SDPA call, so the gathered K/V are
     # never repeated to every query head (the kernels that take a causal mask do not all take enable_gqa).
-    heads = query.shape[1]
-    kv_heads = keys.shape[1]
+    heads, kv_heads = query.shape[1], keys.shape[1]
     grouped = query.unflatten(1, (kv_heads, heads // kv_heads))
     outputs = [
         F.scaled_dot_product_attention(
@@ -198,8 +265,7 @@ def context_parallel_attention(
         )
         for g in range(grouped.shape[2])
     ]
-    out = outputs[0] if len(outputs) == 1 else torch.stack(outputs, dim=2).flatten(1, 2)
-    return out.transpose(1, 2).contiguous(), None
+    return outputs[0] if len(outputs) == 1 else torch.stack(outputs, dim=2).flatten(1, 2)
 
 
 def context_parallel_mask(
@@ -237,6 +303,7 @@ def shard_batch(
     group: dist.ProcessGroup | None = None,
     pad_token_id: int = 0,
     ignore_index: int = -100,
+    load_balance: bool = False,
 ) -> dict[str, torch.Tensor | bool]:
     """This rank's part of ``batch`` (the whole batch, the same on every rank of ``group``): model inputs.
 
@@ -251,6 +318,11 @@ def shard_batch(
     loss is its share of the global mean). An ``attention_mask`` may pad the end of rows (right padding) when the
     padding has no label (-100): it is then dropped, exactly; left padding and packed rows (position_ids that
     restart) are refused.
+
+    ``load_balance=True`` (it must match :func:`context_parallel`'s; :meth:`ContextParallel.shard_batch` passes it):
+    the head-tail layout, rank ``r`` holding chunks ``r`` and ``2C - 1 - r`` of ``2C`` (padded to a multiple of
+    ``2C``), and an all-ones ``attention_mask`` (which keeps transformers from reading the jump in the shard's
+    ``position_ids`` as packed sequences).
     """
     group = _group(group, "shard_batch")
     unknown = set(batch) - {"input_ids", "labels", "attention_mask", "position_ids"}
@@ -282,7 +354,8 @@ def shard_batch(
                 "own row, or drop position_ids."
             )
     size, rank = dist.get_world_size(group), dist.get_rank(group)
-    padded = -(-tokens // size) * size
+    chunks = 2 * size if load_balance else size
+    padded = -(-tokens // chunks) * chunks
     extra = padded - tokens
     shift = None
     if labels is not None:
@@ -292,15 +365,22 @@ def shard_batch(
         input_ids = F.pad(input_ids, (0, extra), value=pad_token_id)
         tail = positions[:, -1:] + torch.arange(1, extra + 1, device=positions.device)
         positions = torch.cat([positions, tail], dim=-1)
-    part = slice(rank * (padded // size), (rank + 1) * (padded // size))
+    width = padded // chunks
+    parts = [rank, chunks - 1 - rank] if load_balance else [rank]
+
+    def local(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, p * width : (p + 1) * width] for p in parts], dim=1)
+
     out: dict[str, torch.Tensor | bool] = {
-        "input_ids": input_ids[:, part].contiguous(),
-        "position_ids": positions[:, part].contiguous(),
+        "input_ids": local(input_ids),
+        "position_ids": local(positions),
         "use_cache": False,
     }
+    if load_balance:
+        out["attention_mask"] = torch.ones_like(out["input_ids"])
     if shift is not None:
-        local = shift[:, part].contiguous()
-        out.update(labels=local, shift_labels=local, num_items_in_batch=(shift != ignore_index).sum())
+        mine = local(shift)
+        out.update(labels=mine, shift_labels=mine, num_items_in_batch=(shift != ignore_index).sum())
     return out
 
 
@@ -352,11 +432,12 @@ class ContextParallel:
     size: int
     sharded: bool
     attention_modules: int
+    load_balance: bool = False
     _previous: str | None = None
 
     def shard_batch(self, batch: Mapping[str, torch.Tensor], pad_token_id: int = 0, ignore_index: int = -100) -> dict:
-        """:func:`shard_batch` over this group."""
-        return shard_batch(batch, self.group, pad_token_id=pad_token_id, ignore_index=ignore_index)
+        """:func:`shard_batch` over this group, in this set-up's layout."""
+        return shard_batch(batch, self.group, pad_token_id, ignore_index, load_balance=self.load_balance)
 
     def sync_gradients(self) -> None:
         """Sum the trainable gradients over the group (call after ``backward``, before the optimizer step).
@@ -392,7 +473,9 @@ class ContextParallel:
             module.__dict__.pop(_SPEC_ATTR, None)
 
 
-def context_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -> ContextParallel:
+def context_parallel(
+    model: nn.Module, group: dist.ProcessGroup | None = None, load_balance: bool = False
+) -> ContextParallel:
     """Split every sequence of ``model``'s training steps across the ranks of ``group`` (default: all ranks).
 
     ``model``: a causal LM (plain transformers, fastft-patched, PEFT-wrapped, or sharded with
@@ -405,6 +488,9 @@ def context_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -
         loss.backward()
         cp.sync_gradients()                    # sum over the ranks (no-op when FSDP2-sharded)
         optimizer.step(); optimizer.zero_grad()
+
+    ``load_balance=True``: the head-tail layout (module docstring), which gives every rank the same causal
+    attention work, for one more copy of each layer's gathered K/V (put in sequence order).
 
     Refuses: no process group, composite (multimodal) models, attention-logit softcaps (Gemma-2).
     """
@@ -431,7 +517,7 @@ def context_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -
     _register()
     name = dist.distributed_c10d._get_process_group_name(group)
     _GROUPS[name] = group
-    spec = _Spec(name, dist.get_rank(group), dist.get_world_size(group))
+    spec = _Spec(name, dist.get_rank(group), dist.get_world_size(group), bool(load_balance))
     attention = 0
     from transformers import PreTrainedModel
 
@@ -459,4 +545,4 @@ def context_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -
     # The implementation to go back to (cp.close()), kept across a second context_parallel() call on the model.
     previous = root.__dict__.setdefault(_PREVIOUS_ATTR, config._attn_implementation)
     config._attn_implementation = ATTENTION_NAME
-    return ContextParallel(model, group, spec.rank, spec.size, bool(fsdp), attention, previous)
+    return ContextParallel(model, group, spec.rank, spec.size, bool(fsdp), attention, spec.balanced, previous)

@@ -57,7 +57,10 @@ MODELS = {
 }
 # Every family of fastft.models.families but Gemma-2, whose attention-logit softcap is refused (tested below).
 # Distributed variants of the "lora" model, all compared with its single-process step.
-VARIANTS = ("fallback_allgather", "right_padded", "triton", "fsdp", "fsdp_offload_tiled")
+VARIANTS = (
+    "fallback_allgather", "right_padded", "triton", "balanced", "balanced_mistral", "fsdp",
+    "fsdp_balanced_offload_tiled",
+)  # fmt: skip
 OWN_REFERENCE = ("right_padded", "triton")  # variants compared with their own single-process step
 
 
@@ -105,34 +108,46 @@ def _step(model: torch.nn.Module, inputs: dict, backend: str = "torch") -> torch
     return loss.detach()
 
 
-def _cp_step(model: torch.nn.Module, backend: str = "torch", batch: dict | None = None) -> dict:
-    cp = context_parallel(model)
+def _cp_step(
+    model: torch.nn.Module, backend: str = "torch", batch: dict | None = None, load_balance: bool = False
+) -> dict:
+    cp = context_parallel(model, load_balance=load_balance)
     loss = _step(model, cp.shard_batch(batch or _batch()), backend)
     cp.sync_gradients()
     return {"loss": cp.reduce_loss(loss), "grads": _grads(model)}
 
 
+def _held(rank: int, world: int, tokens: int, balanced: bool) -> torch.Tensor:
+    """The global positions a rank holds: its contiguous shard, or chunks r and 2C-1-r of 2C (head-tail)."""
+    chunks = 2 * world if balanced else world
+    width = tokens // chunks
+    parts = [rank, chunks - 1 - rank] if balanced else [rank]
+    return torch.cat([torch.arange(p * width, (p + 1) * width) for p in parts])
+
+
 def _attention(rank: int, world: int) -> dict:
     """The attention function alone on random GQA inputs (4 query heads, 2 K/V heads, V narrower than Q/K):
-    outputs and the gradients of a weighted sum, for plain causal and two sliding windows."""
+    outputs and the gradients of a weighted sum, for plain causal and two sliding windows, in both layouts."""
     model = tiny_model("llama")
-    context_parallel(model)
     module = model.model.layers[0].self_attn
     gen = torch.Generator().manual_seed(7)
     q, k = torch.randn(2, 4, 12, 8, generator=gen), torch.randn(2, 2, 12, 8, generator=gen)
     v, weight = torch.randn(2, 2, 12, 5, generator=gen), torch.randn(2, 12, 4, 5, generator=gen)
-    part = slice(rank * 12 // world, (rank + 1) * 12 // world)
     results = {}
-    for window in (None, 3, 8):
-        local = [t[:, :, part].clone().requires_grad_() for t in (q, k, v)]
-        out, _ = context_parallel_attention(module, *local, None, scaling=0.3, sliding_window=window)
-        (out * weight[:, part]).sum().backward()
-        results[window] = (out.detach(), *(t.grad for t in local))
+    for balanced in (False, True):
+        context_parallel(model, load_balance=balanced)
+        held = _held(rank, world, 12, balanced)
+        for window in (None, 3, 8):
+            local = [t[:, :, held].clone().requires_grad_() for t in (q, k, v)]
+            out, _ = context_parallel_attention(module, *local, None, scaling=0.3, sliding_window=window)
+            (out * weight[:, held]).sum().backward()
+            results[balanced, window] = (out.detach(), *(t.grad for t in local))
     return results
 
 
 def _on_ranks(rank: int, world: int) -> dict:
     results = {"attention": _attention(rank, world), "inputs": shard_batch(_batch(), pad_token_id=9)}
+    results["inputs_balanced"] = shard_batch(_batch(), pad_token_id=9, load_balance=True)
     for name in MODELS:
         results[name] = _cp_step(_model(name))
     cp_module._FORCE_FALLBACK = True  # the public-collective Function instead of torch's own all-gather op
@@ -142,11 +157,21 @@ def _on_ranks(rank: int, world: int) -> dict:
         cp_module._FORCE_FALLBACK = False
     results["right_padded"] = _cp_step(_model("lora"), batch=_right_padded_batch())
     results["triton"] = _cp_step(_model("lora"), "triton")  # fastft's Triton kernels (interpreted) on the shards
+    results["balanced"] = _cp_step(_model("lora"), load_balance=True)
+    if rank == 0:  # inputs split contiguously for a head-tail model: caught before any collective (rank 1's shard
+        model = _model("lora")  # looks the same in both layouts, so only rank 0 runs this)
+        context_parallel(model, load_balance=True)
+        ids = _batch()["input_ids"][:, :12]  # 6 contiguous positions per rank: rank 0 jumps by 3, not 3 x 3
+        try:
+            _step(model, shard_batch({"input_ids": ids, "labels": ids}))
+        except ValueError as err:
+            results["layout_mismatch"] = str(err)
+    results["balanced_mistral"] = _cp_step(_model("mistral"), load_balance=True)  # the window on two chunks
     results["fsdp"] = _cp_step(shard(_model("lora")))
     long = _model("lora")
     set_checkpointing(long, "offload")  # the recompute in backward gathers K/V again, in the same order everywhere
     set_long_context(long, tiled_mlp=3)
-    results["fsdp_offload_tiled"] = _cp_step(shard(long))
+    results["fsdp_balanced_offload_tiled"] = _cp_step(shard(long), load_balance=True)
     return results
 
 
@@ -176,7 +201,8 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 @pytest.mark.parametrize("case", [*MODELS, *VARIANTS])
 def test_two_rank_step_equals_one_process(ranks, single, case):
-    want = single[case if case in MODELS or case in OWN_REFERENCE else "lora"]
+    reference = "mistral" if case == "balanced_mistral" else "lora"
+    want = single[case if case in MODELS or case in OWN_REFERENCE else reference]
     assert len(want["grads"]) > 0
     if case == "full":
         assert any("embed_tokens" in n for n in want["grads"])  # every parameter, not adapters only
@@ -209,6 +235,24 @@ def test_shard_batch_shifts_globally_then_splits_and_pads(ranks):
     assert torch.equal(parts[0]["shift_labels"][:, -1], ids[:, 7])
 
 
+def test_inputs_of_the_other_layout_are_caught(ranks):
+    assert "not the head-tail layout" in ranks[0]["layout_mismatch"]
+    assert "ContextParallel's own shard_batch" in ranks[0]["layout_mismatch"]
+
+
+def test_shard_batch_head_tail_layout(ranks):
+    batch = _batch()
+    ids = torch.cat([batch["input_ids"], torch.full((2, 3), 9)], dim=1)  # 13 tokens padded to 16: 4 chunks of 4
+    shifted = torch.cat([batch["labels"][:, 1:], torch.full((2, 4), -100)], dim=1)
+    for r, rank in enumerate(ranks):
+        part, held = rank["inputs_balanced"], _held(r, WORLD, 16, True)  # rank 0: 0-3 and 12-15; rank 1: 4-11
+        assert torch.equal(part["input_ids"], ids[:, held])
+        assert torch.equal(part["position_ids"], held.expand(2, -1))
+        assert torch.equal(part["shift_labels"], shifted[:, held])
+        assert torch.equal(part["attention_mask"], torch.ones(2, 8, dtype=torch.long))
+    assert torch.equal(_held(0, WORLD, 16, True), torch.tensor([0, 1, 2, 3, 12, 13, 14, 15]))
+
+
 def _reference_attention(window: int | None) -> tuple[torch.Tensor, ...]:
     """float64 eager attention over the whole sequence, and the gradients of the same weighted sum."""
     gen = torch.Generator().manual_seed(7)
@@ -224,13 +268,16 @@ def _reference_attention(window: int | None) -> tuple[torch.Tensor, ...]:
     return out.detach(), q.grad, k.grad, v.grad
 
 
+@pytest.mark.parametrize("balanced", [False, True])
 @pytest.mark.parametrize("window", [None, 3, 8])
-def test_attention_function_equals_whole_sequence(ranks, window):
+def test_attention_function_equals_whole_sequence(ranks, window, balanced):
     want = _reference_attention(window)
-    # Outputs are [batch, tokens, heads, dim] (sequence dim 1); q/k/v gradients [batch, heads, tokens, dim] (dim 2).
-    got = [torch.cat([rank["attention"][window][i] for rank in ranks], dim=1 if i == 0 else 2) for i in range(4)]
-    for what, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
-        _assert_close(g.double(), w, f"window {window} {what}")
+    for i, (what, full) in enumerate(zip(("out", "dq", "dk", "dv"), want, strict=True)):
+        got = torch.full_like(full, float("nan"))
+        dim = 1 if i == 0 else 2  # outputs are [batch, tokens, heads, dim]; q/k/v gradients [batch, heads, tokens, dim]
+        for r, rank in enumerate(ranks):
+            got.index_copy_(dim, _held(r, WORLD, 12, balanced), rank["attention"][balanced, window][i].double())
+        _assert_close(got, full, f"window {window} balanced {balanced} {what}")
 
 
 # ------------------------------------------------------------------------------------------ errors (one process)
