@@ -3,6 +3,7 @@
     python examples/distributed/long_context.py                                  # one process: the whole sequence
     torchrun --nproc_per_node 2 examples/distributed/long_context.py             # each process: half of it
     torchrun --nproc_per_node 2 examples/distributed/long_context.py --shard     # + FSDP2 over the same processes
+    torchrun --nproc_per_node 2 examples/distributed/long_context.py --load-balance    # head-tail layout
 
 A plain training loop (no trainer): LoRA on fastft's embedded tiny Llama (or ``--model``), offloaded checkpointing
 and the tiled MLP, one row of ``--tokens`` tokens of the embedded instruction data per step, the same row on every
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of the row (default 4096)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps (default 3)")
     parser.add_argument("--shard", action="store_true", help="also shard the model with FSDP2 over the processes")
+    parser.add_argument(
+        "--load-balance", action="store_true", help="head-tail layout: the same attention work per rank"
+    )
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     args = parser.parse_args(argv)
 
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     set_long_context(model, tiled_mlp=True)
     if args.shard:
         shard(model)  # before context_parallel: it sets FSDP2 to sum the gradients over the processes
-    cp = context_parallel(model)  # last: the attention becomes "fastft_cp"
+    cp = context_parallel(model, load_balance=args.load_balance)  # last: the attention becomes "fastft_cp"
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
     row = long_row(tokenizer, args.tokens).to(device)
     losses = []

@@ -348,22 +348,22 @@ def test_shard_after_context_parallel_is_caught(one_rank_group):
         cp.sync_gradients()
 
 
-def _run_example(*launcher: str, tmp_path: Path) -> list[float]:
+def _run_example(*launcher: str, tmp_path: Path, options: tuple[str, ...] = ()) -> list[float]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1",
            "MASTER_PORT": str(free_port())}  # fmt: skip
     env.pop("TRITON_INTERPRET", None)  # fastft's torch path on CPU, as a user's run
     command = [sys.executable, *launcher, str(ROOT / "examples/distributed/long_context.py"), "--tokens", "256",
-               "--steps", "2", "--shard"]  # fmt: skip
+               "--steps", "2", *options]  # fmt: skip
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     return [float(x) for x in re.findall(r"step \d+  loss ([\d.]+)", done.stdout)]
 
 
 def test_documented_launch_matches_one_process(tmp_path):
-    """``torchrun --nproc_per_node 2 examples/distributed/long_context.py --shard`` against ``python`` on it: both
-    ranks print the one-process losses (5 decimals; measured equal)."""
+    """``torchrun --nproc_per_node 2 examples/distributed/long_context.py --shard --load-balance`` against ``python``
+    on it: both ranks print the one-process losses (5 decimals; measured equal)."""
     one = _run_example(tmp_path=tmp_path)
     two = _run_example("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                       tmp_path=tmp_path)  # fmt: skip
+                       tmp_path=tmp_path, options=("--shard", "--load-balance"))  # fmt: skip
     assert len(one) == 2 and len(two) == 4  # 2 steps; 2 ranks
     assert two[0::2] == pytest.approx(one, abs=2e-5) and two[1::2] == pytest.approx(one, abs=2e-5)
