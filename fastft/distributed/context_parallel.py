@@ -51,7 +51,7 @@ CP ranks instead of averaging.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -426,8 +426,8 @@ def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
 class ContextParallel:
     """What :func:`context_parallel` set up: the group, this rank's place in it, and the step's helpers."""
 
-    model: nn.Module
-    group: dist.ProcessGroup
+    model: nn.Module = field(repr=False)
+    group: dist.ProcessGroup = field(repr=False)
     rank: int
     size: int
     sharded: bool

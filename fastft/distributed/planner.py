@@ -72,9 +72,9 @@ With context parallelism over ``C`` GPUs (``--cp C``, :mod:`fastft.distributed.c
 ``N / C`` tokens: every per-token term above, and the host's layer inputs, are divided by ``C``; added per token of
 the whole sequence: the attention layer's gathered K and V, and in its backward their gradients, both at the
 gathered length (the slice the last rank attends to, and the zero-filled full-length gradient that is
-reduce-scattered): ``6 x KV x b``. Model arithmetic for the GPU kernels (flash / memory-efficient attention take
-the lower-right causal mask without building it); on CPU SDPA's math path builds the ``S x N`` scores, so this
-term is not checked by the meter.
+reduce-scattered): ``6 x KV x b`` (``load_balance=True`` adds one more copy of them, not planned). Model arithmetic
+for the GPU kernels (flash / memory-efficient attention take the lower-right causal mask without building it); on
+CPU SDPA's math path builds the ``S x N`` scores, so this term is not checked by the meter.
 
     fastft plan llama3-8b --world-size 1 8 64 --seq 4096 --method lora
     fastft plan --readme        # the README table (8B and 70B, 1/8/64 GPUs)
