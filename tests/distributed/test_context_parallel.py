@@ -4,8 +4,9 @@ One launch runs every distributed case on both ranks; the single-process referen
 the whole sequence. Each case is one training step (forward with the loss, backward, gradient sum over the ranks)
 on a batch of 2 rows of 13 tokens (not divisible by 2: shard_batch pads one ignored token at the end, so rank 0
 holds positions 0-6 and rank 1 positions 7-13), the first row with its 4 first labels ignored (and once with the
-second row padded at the end, against transformers with the padding mask). Compared: the sum of the ranks' losses
-with the single-process loss, and every trainable gradient.
+second row padded at the end, against transformers with the padding mask). With load_balance=True (head-tail) the
+row is padded to 16, 4 chunks of 4: rank 0 holds positions 0-3 and 12-15, rank 1 positions 4-11. Compared: the sum
+of the ranks' losses with the single-process loss, and every trainable gradient.
 
 Tolerance: fp32 models, 1e-5 of the largest value of each compared tensor (the repository's fp32 contract, as in
 tests/models/test_long_context.py). The runs differ by fp32 rounding only: each rank's loss sums its own tokens'
