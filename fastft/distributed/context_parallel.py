@@ -537,7 +537,9 @@ def context_parallel(
         # must be summed, so divide by the data-parallel degree only (1 when CP spans every rank).
         factor = dist.get_world_size() / spec.size
         for module in fsdp:
-            module.set_gradient_divide_factor(factor)
+            # set_reduce_scatter_divide_factor: the same setter's older name (torch releases before the rename).
+            set_factor = getattr(module, "set_gradient_divide_factor", None) or module.set_reduce_scatter_divide_factor
+            set_factor(factor)
             # A plain SUM reduce-scatter, then a division only when factor != 1 (otherwise FSDP2 asks for NCCL's
             # PREMUL_SUM, which gloo lacks). Older torch without the switch uses PREMUL_SUM (NCCL only).
             if hasattr(module, "set_force_sum_reduction_for_comms"):
