@@ -184,14 +184,14 @@ def context_parallel_attention(
     keys, values = gather_sequence(key, value, _GROUPS[spec.group_name])
     window = kwargs.get("sliding_window")
     if not spec.balanced:  # rank r holds positions r*S .. r*S + S - 1: the gathered order is the global order
-        out = _attend(query, spec.rank * length, keys, values, window, dropout, scaling)
+        out = attend_block(query, spec.rank * length, keys, values, window, dropout, scaling)
         return out.transpose(1, 2).contiguous(), None
     # Head-tail layout: of 2C chunks of S/2 positions, rank r holds chunks r and 2C-1-r (module docstring).
     half, chunks = length // 2, 2 * spec.size
-    keys, values = _global_order(keys, spec.size), _global_order(values, spec.size)
+    keys, values = sequence_order(keys, spec.size), sequence_order(values, spec.size)
     outs = [
-        _attend(query[:, :, :half], spec.rank * half, keys, values, window, dropout, scaling),
-        _attend(query[:, :, half:], (chunks - 1 - spec.rank) * half, keys, values, window, dropout, scaling),
+        attend_block(query[:, :, :half], spec.rank * half, keys, values, window, dropout, scaling),
+        attend_block(query[:, :, half:], (chunks - 1 - spec.rank) * half, keys, values, window, dropout, scaling),
     ]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
@@ -216,7 +216,7 @@ def _check_layout(spec: _Spec, positions: object, length: int) -> None:
         )
 
 
-def _global_order(x: torch.Tensor, size: int) -> torch.Tensor:
+def sequence_order(x: torch.Tensor, size: int) -> torch.Tensor:
     """Gathered ``[batch, heads, T, dim]`` of head-tail shards (rank j: chunks j and 2C-1-j) in sequence order:
     the ranks' first chunks are chunks 0..C-1 in rank order, their second chunks C..2C-1 in reverse rank order."""
     parts = x.unflatten(2, (size, 2, -1))  # [batch, heads, rank, which chunk of the rank, positions, dim]
@@ -224,7 +224,7 @@ def _global_order(x: torch.Tensor, size: int) -> torch.Tensor:
     return ordered.flatten(2, 3)
 
 
-def _attend(
+def attend_block(
     query: torch.Tensor,
     first: int,
     keys: torch.Tensor,
