@@ -68,6 +68,14 @@ tests/distributed/test_plan.py), the fused loss's chunk and the dequantised weig
 layer inputs, k from :func:`fastft.models.long_context.keep_every_for`. These per-token terms are checked against
 :class:`fastft.utils.memory.PeakMemoryMeter` at small scale (tests/distributed/test_plan.py).
 
+With context parallelism over ``C`` GPUs (``--cp C``, :mod:`fastft.distributed.context_parallel`) each GPU holds
+``N / C`` tokens: every per-token term above, and the host's layer inputs, are divided by ``C``; added per token of
+the whole sequence: the attention layer's gathered K and V, and in its backward their gradients, both at the
+gathered length (the slice the last rank attends to, and the zero-filled full-length gradient that is
+reduce-scattered): ``6 x KV x b`` (``load_balance=True`` adds one more copy of them, not planned). Model arithmetic
+for the GPU kernels (flash / memory-efficient attention take the lower-right causal mask without building it); on
+CPU SDPA's math path builds the ``S x N`` scores, so this term is not checked by the meter.
+
     fastft plan llama3-8b --world-size 1 8 64 --seq 4096 --method lora
     fastft plan --readme        # the README table (8B and 70B, 1/8/64 GPUs)
     fastft plan llama3-8b --method qlora --max-context --gpu-gib 80 --host-gib 128
@@ -500,19 +508,30 @@ class ContextPlan:
     fixed: dict[str, int]
     device_bytes: int
     host_bytes: int
+    cp: int = 1  # GPUs one sequence is split over (context parallelism); bytes are per GPU
+    gathered_per_token: int = 0  # context parallelism's gathered K/V and gradients, per token of the sequence
 
     def text(self, gpu_bytes: float, host_bytes: float) -> str:
+        memory = f"{gpu_bytes / 2**30:.0f} GiB with {host_bytes / 2**30:.0f} GiB of host memory"
+        where = f"one GPU of {memory}" if self.cp == 1 else f"{self.cp} GPUs (context parallelism), each of {memory}"
         lines = [
-            f"longest context on one GPU of {gpu_bytes / 2**30:.0f} GiB with {host_bytes / 2**30:.0f} GiB of host memory:",
-            f"  transformers + PEFT (its checkpointing): {self.plain_tokens:,} tokens, bounded by {self.plain_bound}",
+            f"longest context on {where}:",
+            (
+                f"  transformers + PEFT (its checkpointing, one GPU): {self.plain_tokens:,} tokens, bounded by "
+                f"{self.plain_bound}"
+            ),
             (
                 f"  fastft (offloaded checkpointing keeping every {self.keep_every}-th layer input, tiled MLP): "
                 f"{self.fastft_tokens:,} tokens, bounded by {self.fastft_bound}"
             ),
             f"  fastft at {self.fastft_tokens:,} tokens: GPU {gib(self.device_bytes)}, host {gib(self.host_bytes)}",
-            "  GPU bytes per token (a layer's backward after its recompute, at its larger moment):",
+            "  GPU bytes per token (a layer's backward after its recompute, at its larger moment)"
+            + (f", per token on this GPU (1/{self.cp} of the sequence):" if self.cp > 1 else ":"),
         ]
         lines += [f"    {k}: {v:,}" for k, v in self.per_token.items()]
+        if self.cp > 1:
+            lines.append(f"  GPU bytes per token of the whole sequence (gathered K/V and their gradients, one layer): "
+                         f"{self.gathered_per_token:,}")  # fmt: skip
         lines += ["  GPU bytes fixed:"] + [f"    {k}: {gib(v)}" for k, v in self.fixed.items()]
         return "\n".join(lines)
 
@@ -527,8 +546,10 @@ def max_context(
     target_modules: Iterable[str] = LORA_TARGETS,
     optimizer: str = "adamw",
     dtype: torch.dtype | str = torch.bfloat16,
+    cp: int = 1,
 ) -> ContextPlan:
-    """The longest single sequence one step fits in on one GPU, plain vs fastft (module docstring)."""
+    """The longest single sequence one step fits in on one GPU (fastft: split over ``cp`` GPUs by context
+    parallelism, each with ``gpu_bytes`` and ``host_bytes``), plain vs fastft (module docstring)."""
     from fastft.models.long_context import keep_every_for
 
     dims = dims_of(config_or_preset)
@@ -536,6 +557,8 @@ def max_context(
     targets = tuple(target_modules)
     if method == "full":
         raise ValueError("plan: --max-context plans LoRA or QLoRA (full fine-tuning's states leave little room).")
+    if isinstance(cp, bool) or not isinstance(cp, int) or cp < 1:
+        raise ValueError(f"plan: cp (GPUs one sequence is split over) must be a positive int, got {cp!r}.")
     states = _states(dims, method, targets, lora_rank, optimizer, "none", 1, b, True)
     gathered = _gathered(dims, method, "none", 1, b, True)
     per_token = long_context_layer_bytes(dims, targets, lora_rank, b)
@@ -545,18 +568,20 @@ def max_context(
         "one MLP tile's transients": _TILE_ROWS * dims.intermediate * _TILE_BYTES_PER_ELEMENT,
         "fused loss chunk": _loss_peak(dims, "fastft", method, 1 << 20, b),
     }
-    slope, constant = sum(per_token.values()), sum(fixed.values())
+    gathered_kv = 6 * dims.kv_width * b if cp > 1 else 0  # per token of the whole sequence (module docstring)
+    slope, constant = sum(per_token.values()) / cp + gathered_kv, sum(fixed.values())
     gpu_tokens = max(0, int((gpu_bytes - constant) // slope))
     least_inputs = min(math.ceil(dims.layers / k) + k - 1 for k in range(1, dims.layers + 1))
-    host_tokens = int(host_bytes // (least_inputs * b * dims.hidden))
+    host_tokens = int(host_bytes * cp // (least_inputs * b * dims.hidden))
     tokens = min(gpu_tokens, host_tokens)
     bound = (
-        f"GPU memory ({slope:,} bytes per token)"
+        f"GPU memory ({slope:,.0f} bytes per token)"
         if gpu_tokens <= host_tokens
         else f"host memory ({least_inputs} layer inputs of {b * dims.hidden:,} bytes per token)"
     )
-    k = keep_every_for(dims.layers, tokens, dims.hidden, host_bytes, b) if tokens else 1
-    host_used = (math.ceil(dims.layers / k) + k - 1) * tokens * b * dims.hidden
+    local = math.ceil(tokens / cp)
+    k = keep_every_for(dims.layers, local, dims.hidden, host_bytes, b) if tokens else 1
+    host_used = (math.ceil(dims.layers / k) + k - 1) * local * b * dims.hidden
 
     # transformers + PEFT: its checkpointing keeps every layer input on the GPU; the loss holds 12 N V at its peak.
     def plain_total(n: int) -> int:
@@ -571,7 +596,8 @@ def max_context(
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if plain_total(mid) <= gpu_bytes else (lo, mid)
     plain_bound = f"GPU memory (the loss's fp32 (N, V) tensors: {12 * dims.vocab:,} bytes per token)"
-    return ContextPlan(lo, plain_bound, tokens, bound, k, per_token, fixed, constant + slope * tokens, host_used)
+    device = int(constant + slope * tokens)
+    return ContextPlan(lo, plain_bound, tokens, bound, k, per_token, fixed, device, host_used, cp, gathered_kv)
 
 
 # ------------------------------------------------------------------------------------------------ README table
@@ -620,11 +646,14 @@ def main(argv: list[str] | None = None, prog: str = "fastft plan") -> int:
     parser.add_argument("--max-context", action="store_true", help="the longest sequence one GPU fits (one step)")
     parser.add_argument("--gpu-gib", type=float, default=80.0, help="with --max-context: GPU memory")
     parser.add_argument("--host-gib", type=float, default=128.0, help="with --max-context: host memory")
+    parser.add_argument(
+        "--cp", type=int, default=1, help="with --max-context: GPUs one sequence is split over (context parallelism)"
+    )
     args = parser.parse_args(argv)
     if args.max_context:
         gpu, host = args.gpu_gib * 2**30, args.host_gib * 2**30
         result = max_context(args.model, gpu, host, method=args.method, lora_rank=args.rank, optimizer=args.optimizer,
-                             dtype=args.dtype)  # fmt: skip
+                             dtype=args.dtype, cp=args.cp)  # fmt: skip
         print(result.text(gpu, host))
         return 0
     if args.readme:

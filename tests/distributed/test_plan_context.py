@@ -9,6 +9,7 @@ tests/benchmarks/test_long_context_slope.py (the slope against transformers + PE
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import fastft
@@ -62,3 +63,23 @@ def test_per_token_terms_equal_what_a_layer_saves():
     planned = sum(v for k, v in terms.items() if k not in gradients and k != "layer input (device copy)")
     planned += 2 * 64 if "residual after attention (the fused MLP's input)" not in terms else 0
     assert per_token == planned + 8, (per_token, planned, terms)
+
+
+def test_context_parallel_divides_the_per_token_terms(capsys):
+    """--cp C: each GPU holds 1/C of the sequence's per-token terms and host inputs, plus the gathered K/V of the
+    whole sequence and their gradients (6 x KV x 2 bytes per token in bf16: model arithmetic for the GPU kernels)."""
+    one = max_context("llama3-8b", 80 * GIB, 128 * GIB, method="qlora")
+    assert max_context("llama3-8b", 80 * GIB, 128 * GIB, method="qlora", cp=1) == one
+    eight = max_context("llama3-8b", 80 * GIB, 128 * GIB, method="qlora", cp=8)
+    assert eight.per_token == one.per_token and eight.fixed == one.fixed
+    assert eight.gathered_per_token == 6 * 1024 * 2  # Llama-3-8B: 8 K/V heads of 128
+    slope = sum(one.per_token.values()) / 8 + eight.gathered_per_token
+    assert eight.device_bytes == int(sum(one.fixed.values()) + slope * eight.fastft_tokens) <= 80 * GIB
+    assert eight.fastft_tokens == int((80 * GIB - sum(one.fixed.values())) // slope) > 3 * one.fastft_tokens
+    assert eight.host_bytes <= 128 * GIB
+    main(["llama3-8b", "--method", "qlora", "--max-context", "--cp", "8"])
+    out = capsys.readouterr().out
+    assert "8 GPUs (context parallelism)" in out and f"{eight.fastft_tokens:,} tokens" in out
+    assert "gathered K/V and their gradients, one layer): 12,288" in out
+    with pytest.raises(ValueError, match="cp .* positive int"):
+        max_context("llama3-8b", 80 * GIB, 128 * GIB, cp=0)

@@ -23,10 +23,13 @@ from tests.rl.tiny import tiny_llama
 
 STEPS, BATCH, SEQ, WORLD = 5, 4, 16, 2
 # fp32 weights after 5 AdamW steps (lr 1e-3: every element moves ~1e-3 per step). Measured max |diff| vs one
-# process: 9e-8 for LoRA (DDP and every FSDP2 variant), 7.6e-7 for full fine-tuning: rounding of differently
-# ordered sums, which Adam's division of the gradient by its own magnitude carries into the update. The bounds
-# are ~10x and ~6x those and still 1000x / 200x below one step's update.
-LORA_ATOL, FULL_ATOL = 1e-6, 5e-6
+# process: 9e-8 for LoRA (DDP and every FSDP2 variant), 7.6e-7 for full fine-tuning on 2 threads and 5.0e-6 on one:
+# rounding of differently ordered sums, which Adam's division of the gradient by its own magnitude carries into
+# the update. The full fine-tuning worst case is an embedding row whose only gradient (8.7e-8, at step 3) is left
+# by cancellation and differs by 2% between the two summation orders: Adam turns that into a 2% difference of a
+# ~lr update (1e-8 eps is negligible there), kept by its momentum over the next steps. The bounds allow ~10x the
+# LoRA figure and 4x the full one, and stay 1000x / 50x below one step's update.
+LORA_ATOL, FULL_ATOL = 1e-6, 2e-5
 
 
 def _batches() -> torch.Tensor:

