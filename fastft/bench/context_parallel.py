@@ -16,6 +16,8 @@ dim 128, bf16) with ``C`` = 8 ranks of ``S`` = 8192 tokens (``T`` = 65,536):
   the whole sequence (max abs error of the output and of dq, dk, dv).
 
 Prints one JSON object. ``--dry-run`` runs tiny shapes on the CPU (the test suite does, so the check cannot rot).
+The same check is the last part of the one-shot GPU suite (``python -m fastft.bench gpu``, part ``context_parallel``:
+:func:`part_context_parallel`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -99,8 +103,14 @@ def _errors(device: torch.device, dtype: torch.dtype, size: int = 4, length: int
     return out
 
 
-def run(dry_run: bool = False) -> dict[str, Any]:
-    """The check's results (module docstring)."""
+def run(
+    dry_run: bool = False, *, deadline: float | None = None, emit: Callable[[dict], None] | None = None
+) -> dict[str, Any]:
+    """The check's results (module docstring): ``shape``, ``kernels``, ``balance`` and ``errors``.
+
+    ``emit(results)``, when given, receives the results so far after each of the three measurements (the GPU suite
+    saves them, so a kill at its budget keeps what was measured); a measurement not started by ``deadline`` (a
+    ``time.time()``) is recorded as ``{"skipped": "time budget"}``."""
     device = torch.device("cpu" if dry_run or not torch.cuda.is_available() else "cuda")
     size, length, heads, kv_heads, dim = (4, 64, 4, 2, 16) if dry_run else (8, 8192, 32, 8, 128)
     tokens = size * length
@@ -112,16 +122,36 @@ def run(dry_run: bool = False) -> dict[str, Any]:
     query, keys, values = rand(1, heads, length, dim), rand(1, kv_heads, tokens, dim), rand(1, kv_heads, tokens, dim)
     shape = {"ranks": size, "tokens_per_rank": length, "tokens": tokens, "heads": heads, "kv_heads": kv_heads,
              "head_dim": dim, "dtype": "bfloat16", "device": str(device)}  # fmt: skip
-    last = _time(query, keys, values, size - 1, size, False, device, dry_run)
-    kernels = {**last, "materialised_mask_bytes": length * tokens, "math_scores_bytes": heads * length * tokens * 2}
-    balance = {
-        "contiguous_slowest_ms": last["total_ms"],
-        "contiguous_rank0_ms": _time(query, keys, values, 0, size, False, device, dry_run)["total_ms"],
-        "head_tail_rank0_ms": _time(query, keys, values, 0, size, True, device, dry_run)["total_ms"],
-        "head_tail_last_ms": _time(query, keys, values, size - 1, size, True, device, dry_run)["total_ms"],
-    }
-    errors = {str(dtype).removeprefix("torch."): _errors(device, dtype) for dtype in (torch.float32, torch.bfloat16)}
-    return {"shape": shape, "kernels": kernels, "balance": balance, "errors": errors}
+    results: dict[str, Any] = {"shape": shape}
+
+    def kernels() -> dict[str, Any]:
+        last = _time(query, keys, values, size - 1, size, False, device, dry_run)
+        return {**last, "materialised_mask_bytes": length * tokens, "math_scores_bytes": heads * length * tokens * 2}
+
+    def balance() -> dict[str, Any]:
+        return {  # balance runs only if kernels did (a later deadline check): the slowest rank is already timed
+            "contiguous_slowest_ms": results["kernels"]["total_ms"],
+            "contiguous_rank0_ms": _time(query, keys, values, 0, size, False, device, dry_run)["total_ms"],
+            "head_tail_rank0_ms": _time(query, keys, values, 0, size, True, device, dry_run)["total_ms"],
+            "head_tail_last_ms": _time(query, keys, values, size - 1, size, True, device, dry_run)["total_ms"],
+        }
+
+    def errors() -> dict[str, Any]:
+        return {str(t).removeprefix("torch."): _errors(device, t) for t in (torch.float32, torch.bfloat16)}
+
+    for name, measure in (("kernels", kernels), ("balance", balance), ("errors", errors)):
+        late = deadline is not None and time.time() > deadline
+        results[name] = {"skipped": "time budget"} if late else measure()
+        if emit is not None:
+            emit(results)
+    return results
+
+
+def part_context_parallel(spec: dict, emit: Callable[[dict], None]) -> dict:
+    """The GPU suite's ``context_parallel`` part (:mod:`fastft.bench.gpu`): :func:`run` at the GPU shapes (tiny
+    ones on the CPU for ``spec["dry_run"]``) until ``spec["deadline"]``, saving after each measurement."""
+    results = run(spec["dry_run"], deadline=spec["deadline"], emit=lambda r: emit({"results": r}))
+    return {"results": results}
 
 
 def main(argv: list[str] | None = None) -> int:

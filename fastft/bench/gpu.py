@@ -1,6 +1,6 @@
 """The one-shot GPU suite: ``python -m fastft.bench gpu --out DIR`` measures everything we want to know in one go.
 
-Eight parts, run in this order, each in its own Python process with its own time budget (the process group is
+Nine parts, run in this order, each in its own Python process with its own time budget (the process group is
 killed when the budget is spent: the part is recorded ``timeout`` with whatever it had saved, and the next part
 starts; a part that finishes early passes its unused seconds on to the next one, so the total never exceeds the sum
 of the budgets, 500 s by default, under the 9 minutes the run may take):
@@ -8,7 +8,7 @@ of the budgets, 500 s by default, under the 9 minutes the run may take):
 - ``device`` (20 s): the measured copy bandwidth (a 1 GiB device-to-device ``copy_``, read + write bytes, median of
   10 after warm-up, CUDA events) and bf16 matmul rate (an 8192^3 GEMM on normal random operands, 2 n^3 FLOPs per
   product, median of 10); the yardsticks of every fraction below;
-- ``kernels`` (120 s): every fastft kernel's forward / backward time at the audit shapes against the PyTorch
+- ``kernels`` (100 s): every fastft kernel's forward / backward time at the audit shapes against the PyTorch
   formula, torch.compile and Liger Kernel (:mod:`fastft.bench.kernels`), with its bytes model as a fraction of the
   measured copy bandwidth and its error against float64;
 - ``lora_step`` (170 s): one LoRA training step (r=16 on the seven projections, AdamW) at Llama-3.1-8B's real
@@ -35,7 +35,12 @@ of the budgets, 500 s by default, under the 9 minutes the run may take):
 - ``vlm_step`` (40 s, its seconds taken from ``kernels`` 10, ``lora_step`` 20 and ``max_context`` 10): one
   vision-language LoRA training step at Qwen2.5-VL-7B's dimensions with 4 decoder layers and 4 vision blocks, one
   image of 1024 visual tokens plus 512 text tokens, LoRA r=16 on vision and language layers, for plain transformers
-  + PEFT, fastft and fastft with offloaded checkpointing (:mod:`fastft.bench.vlm`): tokens/s and peak memory.
+  + PEFT, fastft and fastft with offloaded checkpointing (:mod:`fastft.bench.vlm`): tokens/s and peak memory;
+- ``context_parallel`` (20 s, its seconds taken from ``kernels``): one GPU's check of context parallelism's attention
+  blocks at Llama-3-8B's attention shape with 8 ranks of 8192 tokens (:mod:`fastft.bench.context_parallel`): the last
+  rank's block forward / backward time and peak memory beyond the inputs next to a materialised mask's and the math
+  path's scores (which kernels it reaches), the slowest rank with contiguous shards against the head-tail layout, and
+  max errors against float64 at a small shape (fp32 and bf16).
 
 MFU counts model FLOPs, not hardware FLOPs (recomputation by checkpointing is not counted), over the measured bf16
 matmul rate. Per trained token of a sequence of S tokens: ``4 N + 6 N_lora + 6 L Hq D S`` where N is the frozen
@@ -88,26 +93,38 @@ from fastft.bench.gpu_report import DEFAULT_RESULTS, MARKERS, markdown, memory_b
 
 __all__ = ["BUDGETS_S", "MARKERS", "PARTS", "main", "markdown", "readme_table", "run_suite", "update_readme"]
 
-PARTS = ("device", "kernels", "lora_step", "moe_step", "logprob_head", "grpo_loss_step", "max_context", "vlm_step")
+PARTS = (
+    "device",
+    "kernels",
+    "lora_step",
+    "moe_step",
+    "logprob_head",
+    "grpo_loss_step",
+    "max_context",
+    "vlm_step",
+    "context_parallel",
+)
 BUDGETS_S = {
     "device": 20.0,
-    "kernels": 120.0,
+    "kernels": 100.0,
     "lora_step": 170.0,
     "moe_step": 30.0,
     "logprob_head": 30.0,
     "grpo_loss_step": 30.0,
     "max_context": 60.0,
     "vlm_step": 40.0,
+    "context_parallel": 20.0,
 }
 DRY_RUN_BUDGETS_S = {
     "device": 20.0,
-    "kernels": 50.0,
+    "kernels": 30.0,  # about 6 s (no torch.compile in the dry run)
     "lora_step": 50.0,
     "moe_step": 20.0,
     "max_context": 40.0,
     "logprob_head": 30.0,
     "grpo_loss_step": 30.0,
     "vlm_step": 60.0,  # importing transformers' Qwen2.5-VL and PEFT takes 10-30 s of it on a busy CPU
+    "context_parallel": 20.0,  # about 5 s: importing torch, then tiny attention blocks
 }
 CAP_BYTES = 80 * 10**9  # "80 GB": what an 80 GB card leaves a training process, with room for the CUDA context
 

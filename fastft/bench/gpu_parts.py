@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from fastft.bench import gpu_moe, gpu_rl, vlm
+from fastft.bench import context_parallel, gpu_moe, gpu_rl, vlm
 
 GRACE_S = 5.0  # a part's own deadline comes this long before it is killed: it saves what it has and exits
 # The LoRA step configurations (quant, contender, checkpointing), most important first: a budget cut drops the last.
@@ -398,6 +398,7 @@ _TASKS: dict[str, Callable[[dict, Callable[[dict], None]], dict]] = {
     "grpo_loss_step": gpu_rl.part_grpo_loss_step,
     "moe_step": gpu_moe.part_moe_step,
     "vlm_step": vlm.part_vlm_step,
+    "context_parallel": context_parallel.part_context_parallel,
     "lora_config": _lora_config,
     "max_context_one": _max_context_one,
 }

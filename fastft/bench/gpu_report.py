@@ -186,6 +186,62 @@ def _vlm_section(parts: dict) -> list[str]:
     return lines
 
 
+def _context_parallel_section(parts: dict) -> list[str]:
+    results = parts.get("context_parallel", {}).get("results") or {}
+    shape, kernels, balance = (results.get(k) or {} for k in ("shape", "kernels", "balance"))
+    lines = [
+        "",
+        "## Context parallelism's attention blocks",
+        "",
+        (
+            f"One rank's attention over the gathered K/V (`fastft.distributed.context_parallel`), as with "
+            f"{shape.get('ranks')} ranks of {shape.get('tokens_per_rank')} tokens ({shape.get('tokens')} in all), "
+            f"{shape.get('heads')}/{shape.get('kv_heads')} heads, head dim {shape.get('head_dim')}, "
+            f"{shape.get('dtype')}; forward + backward. Peak memory beyond the inputs of the last rank's block: "
+            f"{_gb(kernels.get('peak_extra_bytes'))}, against {_gb(kernels.get('materialised_mask_bytes'))} for a "
+            f"materialised mask and {_gb(kernels.get('math_scores_bytes'))} for the math path's scores (a peak far "
+            "below both means flash / memory-efficient kernels ran with the mask left implicit)."
+        ),
+        "",
+        "| rank | layout | fwd ms | bwd ms | fwd+bwd ms | of the contiguous slowest |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    slowest = balance.get("contiguous_slowest_ms")
+    for rank, layout, key in (
+        ("last (slowest)", "contiguous", "contiguous_slowest_ms"),
+        ("0", "contiguous", "contiguous_rank0_ms"),
+        ("0", "head-tail", "head_tail_rank0_ms"),
+        ("last", "head-tail", "head_tail_last_ms"),
+    ):
+        ms, own = balance.get(key), key == "contiguous_slowest_ms"
+        lines.append(
+            f"| {rank} | {layout} | {_fmt(kernels.get('fwd_ms') if own else None, '.3f')} | "
+            f"{_fmt(kernels.get('bwd_ms') if own else None, '.3f')} | {_fmt(ms, '.3f')} | "
+            f"{_fmt(ms / slowest if ms and slowest else None, '.2f')} |"
+        )
+    skipped = [f"{k}: {v['skipped']}" for k, v in results.items() if isinstance(v, dict) and "skipped" in v]
+    lines += ["", f"Skipped: {'; '.join(skipped)}."] if skipped else []
+    lines += [
+        "",
+        (
+            "Max abs error against float64 attention over the whole sequence (every rank's blocks; dk, dv summed "
+            "over the ranks, as the reduce-scatter forms them), small shape:"
+        ),
+        "",
+        "| dtype | layout | out | dq | dk | dv | head-tail order exact |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    measured = results.get("errors") or {}
+    for dtype, errors in ({} if "skipped" in measured else measured).items():
+        for layout in ("contiguous", "head_tail"):
+            lines.append(
+                f"| {dtype} | {layout.replace('_', '-')} | "
+                + " | ".join(_fmt(errors.get(f"{layout}_{g}"), ".1e") for g in ("out", "dq", "dk", "dv"))
+                + f" | {errors.get('head_tail_order_exact', '-') if layout == 'head_tail' else ''} |"
+            )
+    return lines
+
+
 def _header(meta: dict, device: dict) -> list[str]:
     return [
         (
@@ -244,6 +300,7 @@ def markdown(record: dict) -> str:
         *_rl_sections(parts),
         *gpu_moe.markdown_rows(parts.get("moe_step", {}).get("results") or {}),
         *_vlm_section(parts),
+        *_context_parallel_section(parts),
     ]
     return "\n".join(lines) + "\n"
 

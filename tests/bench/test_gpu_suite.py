@@ -111,11 +111,27 @@ def test_dry_run_max_context_part(dry_run):
             assert probe["fits"] == (probe["bytes"] <= cap)
 
 
+def test_dry_run_context_parallel_part(dry_run):
+    # fastft.bench.context_parallel's check as the suite's last part, and its section of the report; the check's
+    # numbers themselves are tested in tests/bench/test_context_parallel.py (fp32 bound 1e-5 from there).
+    results = dry_run[0]["parts"]["context_parallel"]["results"]
+    assert gpu.PARTS[-1] == "context_parallel" and results["shape"]["device"] == "cpu"
+    assert results["kernels"]["total_ms"] == results["balance"]["contiguous_slowest_ms"] > 0
+    assert all(ms > 0 for ms in results["balance"].values())
+    assert results["errors"]["float32"]["head_tail_order_exact"] is True
+    assert 0 <= results["errors"]["float32"]["head_tail_dv"] < 1e-5
+    report = dry_run[1]
+    assert report.index("## Vision-language LoRA step") < report.index("## Context parallelism's attention blocks")
+    assert "as with 4 ranks of 64 tokens (256 in all)" in report
+    assert "| last (slowest) | contiguous |" in report and "| 0 | head-tail |" in report
+    assert "| float32 | head-tail |" in report and "| bfloat16 | contiguous |" in report
+
+
 def test_dry_run_markdown(dry_run):
     _, report = dry_run
     assert report.startswith("# fastft GPU suite (dry run")
-    for line in ("| device | ok |", "| kernels | ok |", "| lora_step | ok |", "| max_context | ok |"):
-        assert line in report
+    for part in ("device", "kernels", "lora_step", "max_context", "vlm_step", "context_parallel"):
+        assert f"| {part} | ok |" in report
     assert "## Kernels" in report and "| rms_norm | fastft |" in report and "## Max context" in report
     assert "| bf16 | plain | none |" in report
     if not _installed("liger_kernel"):
