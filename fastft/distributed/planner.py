@@ -476,13 +476,14 @@ _TILE_BYTES_PER_ELEMENT = 48  # one tile's transients per (row x intermediate) e
 
 def long_context_layer_bytes(dims: Dims, targets: tuple[str, ...], rank: int, b: int) -> dict[str, int]:
     """fastft's device bytes per token at its long-context peak, by term: one decoder layer's backward after its
-    recompute, at the larger of its two moments (the MLP's backward; the attention's backward, where dq/dk/dv and
-    the attention output's gradient replace the residual sum, the MLP's dx and its gradient)."""
+    recompute, at the larger of its two moments (the MLP's backward; the attention's backward, where dq/dk/dv, the
+    attention output's gradient and the fp32 dq accumulator of a flash-attention backward replace the residual sum,
+    the MLP's dx and its gradient). The input norm's output is not a term: q/k/v keep the norm's input, the layer
+    input, and recompute it (fastft.kernels.normed_qkv); nor is the MLP's normalised input (the tiled MLP's)."""
     h, q, kv = dims.hidden, dims.q_width, dims.kv_width
     adapters = len({"q_proj", "k_proj", "v_proj", "o_proj"} & set(targets))
     saved = {
         "layer input (device copy)": b * h,
-        "q/k/v input (normalised)": b * h,
         "q, k, v after RoPE": b * (q + 2 * kv),
         "attention output": b * q,
         "attention log-sum-exp (fp32)": 4 * dims.heads,
@@ -491,7 +492,7 @@ def long_context_layer_bytes(dims: Dims, targets: tuple[str, ...], rank: int, b:
     }
     mlp = {**saved, "residual after attention (the fused MLP's input)": b * h, "incoming gradient + MLP dx": 2 * b * h}
     attention = {**saved, "gradient of the residual stream": b * h, "attention output's gradient": b * q,
-                 "dq, dk, dv": b * (q + 2 * kv)}  # fmt: skip
+                 "dq, dk, dv": b * (q + 2 * kv), "attention backward's fp32 dq accumulator": 4 * q}  # fmt: skip
     return max(mlp, attention, key=lambda terms: sum(terms.values()))
 
 

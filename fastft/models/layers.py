@@ -27,6 +27,7 @@ from fastft.kernels.layer_norm import layer_norm
 from fastft.kernels.lora import lora_linear, lora_mlp, lora_qkv
 from fastft.kernels.lora_ungated_mlp import lora_ungated_mlp
 from fastft.kernels.mrope import mrope_tables
+from fastft.kernels.normed_qkv import normed_lora_qkv
 from fastft.kernels.rms_norm import rms_norm
 from fastft.kernels.rms_norm_gated import rms_norm_gated
 from fastft.kernels.swiglu import swiglu
@@ -75,9 +76,22 @@ class FastRMSNorm:
         if _has_values(args, kwargs):  # a call the probe did not see (an optional argument used): the original
             return super().forward(hidden_states, *args, **kwargs)
         y = rms_norm(hidden_states, self.weight, getattr(self, self._fastft_eps_attr), self._fastft_offset)
-        if self.__dict__.get("_fastft_tag_output"):  # set_long_context: a tiled MLP may fuse this norm
-            y._fastft_normed = (hidden_states, self)
+        if self.__dict__.get("_fastft_tag_output"):  # set_long_context: the next q/k/v or tiled MLP may fuse it
+            y._fastft_normed = (hidden_states, self, y._version, hidden_states._version)
         return y
+
+
+def normed_source(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float] | None:
+    """``(x, weight, eps, offset)`` when ``y`` is, unchanged, the output of a tagged :class:`FastRMSNorm` applied
+    to ``x`` (and x is unchanged too) outside autocast: its consumer may then keep x instead of y and recompute y
+    in backward. None otherwise (no tag, a value modified in place since, autocast on)."""
+    tag = getattr(y, "_fastft_normed", None)
+    if tag is None or torch.is_autocast_enabled(y.device.type):
+        return None
+    x, module, y_version, x_version = tag
+    if y._version != y_version or x._version != x_version:
+        return None
+    return x, module.weight, float(getattr(module, module._fastft_eps_attr)), float(module._fastft_offset)
 
 
 class FastLayerNorm:
@@ -141,10 +155,9 @@ class FastGatedMLP:
             if tile is not None:  # 0: the tile size follows free memory
                 # The output of a FastRMSNorm: tiles normalise its input themselves, so the normalised rows
                 # are not kept for backward (tiled_lora_mlp's ``norm``).
-                source, norm = getattr(x, "_fastft_normed", None), None
-                if source is not None and not torch.is_autocast_enabled(x.device.type):
-                    x, module = source
-                    norm = (module.weight, getattr(module, module._fastft_eps_attr), module._fastft_offset)
+                source, norm = normed_source(x), None
+                if source is not None:
+                    x, norm = source[0], source[1:]
                 y = tiled_lora_mlp(x, gate, up, down, layout.activation, tile_tokens=tile or None, norm=norm)
             else:
                 y = lora_mlp(x, gate, up, down, layout.activation)
@@ -228,7 +241,8 @@ class FastAttention:
         projections = [read_projection(m) for m in modules]
         if any(p is None for p in projections):
             return ()
-        outputs = lora_qkv(x, *projections)
+        source = normed_source(x)  # the output of a tagged norm: keep its input, not x (fastft.kernels.normed_qkv)
+        outputs = lora_qkv(x, *projections) if source is None else normed_lora_qkv(x, *source, *projections)
         for module, out in zip(modules, outputs):
             module.__dict__["_fastft_pending"] = (x, out)
         return names

@@ -11,6 +11,10 @@ to the memory layout long sequences need:
   the normalised ``(tokens x hidden)`` tensor is not kept for backward either (the norm's input, the residual
   stream, is). The same losses and gradients up to fp32 rounding of the per-tile partial sums of the parameter
   gradients.
+- **input norm fused into q/k/v** (on with ``tiled_mlp``): attention whose input is a fastft RMSNorm's output
+  (Llama's ``input_layernorm``) runs :func:`fastft.kernels.normed_qkv.normed_lora_qkv`, which keeps the norm's
+  input for backward instead of the normalised rows and recomputes them there: one ``(tokens x hidden)`` tensor
+  less per layer, bitwise the same gradients.
 - **every k-th layer input** (``keep_every=k``): offloaded checkpointing keeps each decoder layer's input in host
   memory, ``tokens x hidden x 2`` bytes per layer (256 GiB for a million tokens of Llama-3-8B). With ``k > 1`` only
   the inputs of layers ``0, k, 2k, ...`` are kept (offloaded as before); in backward, the first layer of a segment

@@ -35,7 +35,11 @@ Two vocabularies, because plain's slope depends on it and fastft's does not (its
   for dA: one row per layer), not done. The test asserts
   the measured ratios plus ~6% as regression bounds.
 
-MEASURED (KiB per token between 256 and 512 tokens; offline, 128 -> 256 and 512 -> 1024 gave the same within 3%,
+MEASURED after the input norm was fused into q/k/v (fastft.kernels.normed_qkv), 256 -> 512, this test's own
+print: plain 96.20 / 29.16; fastft offloaded + tiled 2.84 (0.030x / 0.098x: at 256 tokens its peak is still a
+fixed-size moment, so this pair understates the attention-phase slope, 4.96 at 1024 -> 2048); tiled without
+checkpointing 6.84 (0.071x / 0.234x; 6.97 at 1024 -> 2048). Before that fusion
+(KiB per token between 256 and 512 tokens; offline, 128 -> 256 and 512 -> 1024 gave the same within 3%,
 except fastft without checkpointing at 128 -> 256, 7.3, below the linear regime; the test prints its own table):
 
     vocabulary    plain    fastft offloaded + tiled    fastft tiled, no checkpointing

@@ -1,9 +1,10 @@
-"""Tests for fastft.models.long_context: tiled MLPs give the same loss and gradients as untiled ones on every family
-of fastft.models.families (LoRA, offloaded checkpointing), and the switch's arguments and errors.
+"""Tests for fastft.models.long_context: tiled MLPs, with the input norms fused into q/k/v and into the MLP, give
+the same loss and gradients as untiled, unfused ones on every family of fastft.models.families (LoRA, offloaded
+checkpointing), and the switch's arguments and errors.
 
 Tolerance: fp32 models, 1e-5 of the largest value of each compared tensor (the fp32 contract: the tiled and untiled
 MLPs differ by fp32 rounding of the per-tile partial sums of the parameter gradients, ~1e-7 relative per tile, and
-by nothing else; the rest of the model is the same code on the same inputs). The models run fastft's torch path:
+by nothing else; the fused q/k/v are bitwise the norm-then-projections composition, tests/kernels/test_normed_qkv.py). The models run fastft's torch path:
 tiling does not depend on the backend, and the interpreted Triton kernels of the tiles are held against the same
 bound in tests/kernels/test_tiled_mlp.py.
 """
@@ -15,6 +16,8 @@ import torch
 
 import fastft
 from fastft.kernels._dispatch import force_backend
+from fastft.kernels.normed_qkv import normed_lora_qkv
+from fastft.models import layers
 from fastft.models.checkpointing import set_checkpointing
 from fastft.models.families import FAMILIES
 from fastft.models.layers import FastGatedMLP
@@ -33,16 +36,22 @@ def step(model, inputs):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_tiled_equals_untiled(family):
+def test_tiled_equals_untiled(family, monkeypatch):
+    """set_long_context (tiled MLP, the norms in front of q/k/v and of the MLP fused) against neither."""
     untiled, tiled = twins(family, torch.float32)
     for model in (untiled, tiled):
         fastft.patch(model)
         set_checkpointing(model, "offload")
     assert set_long_context(tiled, tiled_mlp=5)["tiled_mlp"] == 2  # 2 x 11 rows: tiles of 5, 5, 5, 5, 2
+    fused = []  # layers whose q/k/v kept the input norm's input (fastft.kernels.normed_qkv)
+    monkeypatch.setattr(layers, "normed_lora_qkv", lambda *a: fused.append(1) or normed_lora_qkv(*a))
     inputs = batch()
     with force_backend("torch"):
         loss_u, grads_u = step(untiled.train(), inputs)
+        assert not fused
         loss_t, grads_t = step(tiled.train(), inputs)
+    # Each of the 2 layers, in forward and in its recompute; Phi-3's fused qkv_proj is one projection (lora_linear).
+    assert len(fused) == (0 if family == "phi3" else 4)
     assert torch.allclose(loss_t, loss_u, rtol=FP32, atol=0)
     assert grads_u.keys() == grads_t.keys() and any("mlp" in n for n in grads_u)
     for name, grad in grads_u.items():
