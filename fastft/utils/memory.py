@@ -39,7 +39,10 @@ class SavedTensorMeter:
     """Context manager that records the tensors saved for backward inside its block.
 
     ``meter.total_bytes`` sums the bytes of each distinct storage once; ``meter.saved`` lists every
-    saved tensor in the order autograd packed it (including repeats).
+    saved tensor in the order autograd packed it (including repeats). Storages are told apart by address, so the
+    meter holds each one until its block ends: a storage saved and released inside the block still counts, and a
+    later one the allocator places at the freed address is not taken for it (which made counts depend on the
+    allocator's state, i.e. on what ran before).
 
     >>> with SavedTensorMeter() as meter:
     ...     y = torch.nn.functional.silu(torch.randn(4, 8, requires_grad=True))
@@ -49,12 +52,16 @@ class SavedTensorMeter:
 
     saved: list[SavedTensor] = field(default_factory=list)
     _storages: dict[tuple[str, int], int] = field(default_factory=dict)
+    _held: list[torch.UntypedStorage] = field(default_factory=list)
     _hooks: Any = None
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         nbytes = storage.nbytes()
-        self._storages[(str(tensor.device), storage.data_ptr())] = nbytes
+        key = (str(tensor.device), storage.data_ptr())
+        if key not in self._storages:
+            self._held.append(storage)
+        self._storages[key] = nbytes
         self.saved.append(SavedTensor(tuple(tensor.shape), tensor.dtype, nbytes))
         return tensor
 
@@ -69,6 +76,7 @@ class SavedTensorMeter:
 
     def __exit__(self, *exc: object) -> None:
         self._hooks.__exit__(*exc)
+        self._held.clear()
 
 
 def saved_tensor_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:

@@ -18,6 +18,17 @@ def test_sums_distinct_storages():
     assert saved_tensor_bytes(lambda: a @ b.float()) == 3 * 5 * 4 + 5 * 7 * 4
 
 
+def test_a_storage_released_inside_the_block_is_not_mistaken_for_a_later_one():
+    """Each graph below is dropped before the next is built, so the allocator may hand the next saved tensor the
+    freed address; the meter holds what it saw until the block ends, so every one of the 8 storages counts."""
+    with SavedTensorMeter() as meter:
+        for _ in range(8):
+            y = torch.randn(64, requires_grad=True).exp()  # exp saves its output (256 bytes)
+            del y
+    assert meter.total_bytes == 8 * 256 and len(meter.saved) == 8
+    assert meter._held == []  # released at the end of the block
+
+
 def test_nothing_saved_without_grad():
     x = torch.randn(16)
     assert saved_tensor_bytes(torch.sin, x) == 0
