@@ -11,7 +11,10 @@ peak. It reads the allocator events of ``torch.profiler`` (``profile_memory=True
 PyTorch allocates or frees on the device, in time order. What a Triton kernel keeps in registers or shared
 memory is not a tensor and is not counted; run on CPU with ``TRITON_INTERPRET=1``, the interpreter works in
 numpy arrays on the tensors' own storages, so interpreted kernels count exactly the tensors they write, as on
-a GPU.
+a GPU. One difference: the interpreter copies a launch's arguments through a reference cycle that keeps their
+storages until Python's cycle collector runs, so a tensor the block has dropped may still count at a later peak
+(a GPU launch keeps nothing); ``gc.collect(0)`` after each interpreted launch removes that, as
+``tests/distributed/test_plan_context.py`` does. Without it an interpreted peak can only overstate.
 """
 
 from __future__ import annotations
