@@ -29,8 +29,8 @@ Two vocabularies, because plain's slope depends on it and fastft's does not (its
   chunked loss saves against fp32 logits. The bar without checkpointing (0.25x) is met and asserted here too; the
   offloaded one (0.10x) is met in this test's phase (0.095x) but not asymptotically (0.167x at 1024 -> 2048, below):
   fastft's peak is then one layer's attention backward after its recompute, ~10 bf16 hidden-sized rows per token,
-  of which SDPA's backward alone needs ~7 (q, k, v, output and its gradient, dq, the fp32 dq scratch); less needs
-  the attention itself replaced (query-chunked recompute), which the long-context path does not do (it keeps
+  of which the whole-sequence SDPA backward's tensors, the residual stream's gradient and the two offloaded layer
+  inputs (on a CPU) are ~8 (README, "Long context"); less needs the attention itself replaced (query-chunked recompute), which the long-context path does not do (it keeps
   transformers' attention). The offloaded ratio here is bounded for regressions only.
 
 MEASURED (this test's own print, 2026-12-06, after the input norms were fused into q/k/v and the MLP), KiB per token
